@@ -1,0 +1,262 @@
+"""Corpus preparation and the memory-mapped byte loader for truncated-BPTT training.
+
+Puri et al. 2018 (arXiv 1808.01371), "Data": the text is one long byte stream (Amazon reviews, 40 GB),
+cut into train/val/test shards 1000/1/1, read by many processes without shuffling. Here:
+
+- prepare(): raw sources -> DIR/{train,val,test}.bin (flat uint8 bytes) + .idx (int64 document
+  offsets) + meta.json. Streams document by document: memory does not grow with the corpus.
+  Sources: plain text (one document per line), JSON lines (field `reviewText` by default, the
+  Amazon dumps' format), CSV/TSV (a text column), any of these gzipped, and IMDB's `aclImdb` folder or
+  tarball (train/unsup + train/pos + train/neg; never test, which transfer.py holds out).
+- normalize(): the reference model's text preprocessing, also used by transfer.py.
+- ByteLoader: B rows, each reading its own contiguous stream, so window k+1 of a row starts where
+  window k ended and the recurrent state carries over. The batch at step s is a pure function of s.
+
+    python data.py SOURCE [SOURCE ...] --out DIR [--text-field reviewText] [--val-frac 0.01]
+"""
+import argparse
+import csv
+import gzip
+import hashlib
+import html
+import io
+import json
+import os
+import random
+import shutil
+import sys
+import tarfile
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+def normalize(text):
+    """Radford et al.'s preprocessing: HTML unescape, newlines to spaces, frame as '\\n ' + text + ' '.
+
+    Returns UTF-8 bytes: the model reads bytes, so a document is its byte string.
+    """
+    text = html.unescape(text).replace("\n", " ").strip()
+    return ("\n " + text + " ").encode("utf-8", errors="replace")
+
+
+class DataError(Exception):
+    """Bad input: the message names the file and the problem."""
+
+
+def _open_text(path):
+    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+
+
+def _kind(path):
+    name = path[:-3] if path.endswith(".gz") else path
+    if os.path.isdir(path) or ".tar" in os.path.basename(path) or path.endswith(".tgz"):
+        return "imdb"
+    for ext, kind in ((".jsonl", "json"), (".json", "json"), (".csv", "csv"), (".tsv", "tsv")):
+        if name.endswith(ext):
+            return kind
+    return "text"
+
+
+def imdb_documents(path, parts=("train/unsup", "train/pos", "train/neg")):
+    """Yield (part, text) for IMDB reviews under `parts` of an aclImdb folder or its tarball, in a
+    deterministic order (sorted file names in a folder, member order in a tarball)."""
+    parts = tuple(parts)
+    if os.path.isdir(path):
+        root = path if os.path.basename(os.path.normpath(path)) == "aclImdb" else os.path.join(path, "aclImdb")
+        for part in parts:
+            d = os.path.join(root, part)
+            if not os.path.isdir(d):
+                raise DataError(f"{path}: no folder {part} (expected the aclImdb layout)")
+            for name in sorted(os.listdir(d)):
+                if name.endswith(".txt"):
+                    with open(os.path.join(d, name), encoding="utf-8", errors="replace") as f:
+                        yield part, f.read()
+        return
+    try:
+        with tarfile.open(path, "r|*") as tf:  # stream mode: members are read in order, never all at once
+            for m in tf:
+                if not (m.isfile() and m.name.endswith(".txt")):
+                    continue
+                part = os.path.dirname(m.name)
+                part = part[part.index("/") + 1 :] if "/" in part else part
+                if part in parts:
+                    yield part, tf.extractfile(m).read().decode("utf-8", errors="replace")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"{path}: cannot read as a tar archive ({e})")
+
+
+def documents(path, text_field="reviewText", stats=None):
+    """Yield the text of each document of one raw source. Lines without the field are counted in
+    stats['skipped'] (with the first few reasons in stats['examples']), not fatal."""
+    stats = stats if stats is not None else {}
+    stats.setdefault("skipped", 0)
+    stats.setdefault("examples", [])
+
+    def skip(lineno, why):
+        stats["skipped"] += 1
+        if len(stats["examples"]) < 5:
+            stats["examples"].append(f"{path}:{lineno}: {why}")
+
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or folder")
+    kind = _kind(path)
+    if kind == "imdb":
+        for _, text in imdb_documents(path):
+            yield text
+        return
+    try:
+        with _open_text(path) as f:
+            if kind == "json":
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line).get(text_field)
+                    except (ValueError, AttributeError):
+                        skip(lineno, "not a JSON object")
+                        continue
+                    if isinstance(text, str):
+                        yield text
+                    else:
+                        skip(lineno, f"no string field {text_field!r}")
+            elif kind in ("csv", "tsv"):
+                reader = csv.DictReader(f, delimiter="," if kind == "csv" else "\t")
+                fields = reader.fieldnames or []
+                column = text_field if text_field in fields else next(
+                    (c for c in ("text", "sentence", "review") if c in fields), None)
+                if column is None:
+                    raise DataError(f"{path}: no text column {text_field!r} (columns: {fields})")
+                for lineno, row in enumerate(reader, 2):
+                    if row.get(column):
+                        yield row[column]
+                    else:
+                        skip(lineno, f"empty or missing {column!r}")
+            else:
+                for line in f:
+                    if line.strip():
+                        yield line
+    except (OSError, EOFError, csv.Error) as e:  # e.g. a truncated .gz, a binary file in CSV
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})")
+
+
+def prepare(sources, out_dir, text_field="reviewText", val_frac=0.01, test_frac=0.01, seed=0, log=print):
+    """Stream `sources` into out_dir/{split}.bin + {split}.idx + meta.json; returns the meta dict.
+
+    Each document goes to val with probability val_frac, test with test_frac, else train, drawn
+    from a generator seeded by `seed`: the split is a pure function of the sources' contents+order.
+    Written into a temporary folder renamed at the end: an interrupted run leaves nothing half-made.
+    """
+    if not 0 <= val_frac < 1 or not 0 <= test_frac < 1 or val_frac + test_frac >= 1:
+        raise DataError(f"bad split fractions val={val_frac} test={test_frac}")
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    rng = random.Random(seed)
+    stats = {"skipped": 0, "examples": []}
+    bins = {s: open(os.path.join(tmp, s + ".bin"), "wb") for s in SPLITS}
+    idxs = {s: open(os.path.join(tmp, s + ".idx"), "wb") for s in SPLITS}
+    pos = dict.fromkeys(SPLITS, 0)
+    docs = dict.fromkeys(SPLITS, 0)
+    try:
+        for src in sources:
+            for text in documents(src, text_field, stats):
+                r = rng.random()
+                split = "val" if r < val_frac else "test" if r < val_frac + test_frac else "train"
+                b = normalize(text)
+                idxs[split].write(np.int64(pos[split]).tobytes())
+                bins[split].write(b)
+                pos[split] += len(b)
+                docs[split] += 1
+                if sum(docs.values()) % 100000 == 0:
+                    log(f"prepare: {sum(docs.values())} documents, {sum(pos.values()) / 1e6:.1f} MB")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for f in (*bins.values(), *idxs.values()):
+            f.close()
+    if pos["train"] == 0:
+        shutil.rmtree(tmp)
+        raise DataError(f"{', '.join(sources)}: no documents found (empty corpus)")
+    if stats["skipped"]:
+        log(f"prepare: skipped {stats['skipped']} lines, e.g. " + "; ".join(stats["examples"]))
+    meta = {"sources": [os.path.abspath(s) for s in sources], "text_field": text_field, "val_frac": val_frac,
+            "test_frac": test_frac, "seed": seed, "bytes": pos, "documents": docs, "skipped": stats["skipped"]}
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    log(f"prepare: {out_dir}: " + ", ".join(f"{s} {docs[s]} docs {pos[s] / 1e6:.2f} MB" for s in SPLITS))
+    return meta
+
+
+def resolve(data, cache_dir, text_field="reviewText", val_frac=0.01, test_frac=0.01, seed=0, log=print):
+    """A prepared corpus folder for `data`: itself if it holds meta.json, else a cached preparation
+    keyed by the source's path, size, mtime and the split settings (prepared on first use)."""
+    if os.path.isdir(data) and os.path.isfile(os.path.join(data, "meta.json")):
+        return data
+    if not os.path.exists(data):
+        raise DataError(f"{data}: no such file or folder")
+    st = os.stat(data)
+    key = json.dumps([os.path.abspath(data), st.st_size, st.st_mtime_ns, text_field, val_frac, test_frac, seed])
+    out = os.path.join(cache_dir, os.path.basename(os.path.normpath(data)) + "-" + hashlib.sha1(key.encode()).hexdigest()[:10])
+    if not os.path.isfile(os.path.join(out, "meta.json")):
+        log(f"prepare: {data} -> {out}")
+        prepare([data], out, text_field, val_frac, test_frac, seed, log)
+    return out
+
+
+class ByteLoader:
+    """Truncated-BPTT batches over a flat byte file, without shuffling (the paper's setting).
+
+    The file of N bytes is cut into B equal streams, row b reading bytes [b*L, (b+1)*L), L = N // B.
+    Window k of every row covers [k*T, k*T + T] of its stream (T+1 bytes: inputs and next-byte targets),
+    so consecutive windows of a row are contiguous and its state carries over. Step s reads window
+    s mod K, K = (L - 1) // T windows per epoch. A process of rank r in a world of W takes rows
+    [r*B/W, (r+1)*B/W): the global batch is the same for any W.
+    """
+
+    def __init__(self, path, batch_size, seq_len, rank=0, world=1):
+        if batch_size % world:
+            raise DataError(f"global batch {batch_size} is not divisible by {world} processes")
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            raise DataError(f"{path}: missing or empty corpus file")
+        self.data = np.memmap(path, dtype=np.uint8, mode="r")
+        self.path, self.B, self.T = path, batch_size, seq_len
+        self.L = len(self.data) // batch_size
+        self.steps_per_epoch = (self.L - 1) // seq_len
+        if self.steps_per_epoch < 1:
+            raise DataError(f"{path}: {len(self.data)} bytes is too small for {batch_size} rows of "
+                            f"{seq_len + 1} bytes; lower --batch-size or --seq-len")
+        local = batch_size // world
+        self.rows = np.arange(rank * local, (rank + 1) * local)
+        self.offsets = np.arange(seq_len + 1)
+
+    def window(self, step):
+        """Window index within the epoch; 0 means the streams restart (reset the state)."""
+        return step % self.steps_per_epoch
+
+    def batch(self, step):
+        """(x, y): int64 arrays [B/W, T]: inputs and next-byte targets for this process at `step`."""
+        k = self.window(step)
+        idx = self.rows[:, None] * self.L + k * self.T + self.offsets  # [B/W, T+1]
+        chunk = self.data[idx].astype(np.int64)
+        return chunk[:, :-1], chunk[:, 1:]
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Prepare a byte corpus for train.py.")
+    p.add_argument("sources", nargs="+", help="text / .jsonl[.gz] / .csv / .tsv files, an aclImdb folder or tarball")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--text-field", default="reviewText", help="JSON field or CSV column holding the text")
+    p.add_argument("--val-frac", type=float, default=0.01, help="share of documents in val (paper: 0.001)")
+    p.add_argument("--test-frac", type=float, default=0.01, help="share of documents in test (paper: 0.001)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the document split")
+    a = p.parse_args()
+    try:
+        prepare(a.sources, a.out, a.text_field, a.val_frac, a.test_frac, a.seed)
+    except DataError as e:
+        sys.exit(f"error: {e}")

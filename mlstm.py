@@ -1,0 +1,136 @@
+"""Byte-level multiplicative LSTM (mLSTM) language model.
+
+The model of Radford et al. 2017 ("Learning to Generate Reviews and Discovering Sentiment",
+arXiv 1704.01444), after Krause et al. 2016, that Puri et al. 2018 (arXiv 1808.01371) scale to
+40 GB of text: 256 byte ids -> 64-d embedding -> one mLSTM layer of H units -> Linear(H, 256).
+Weight normalisation (Salimans & Kingma 2016) on the four recurrent-cell matrices, as in the paper.
+
+Parameter names follow the reference model: wx wh wmx wmh (weights), b (bias), gx gh gmx gmh
+(weight-norm gains); gates i f o u; states h c, multiplicative intermediate m.
+
+Dimension legend: B batch rows, T timesteps, E embedding (64), H hidden units.
+
+Used by train.py (python train.py --hidden 4096 ...), transfer.py and generate.py; not run directly.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Sizes from the papers: Radford et al. and Puri et al. train 4096 units; Puri et al. also 8192.
+PRESETS = {"demo": 256, "small": 1024, "paper": 4096, "large": 8192}
+
+
+def weight_norm(v, g):
+    """w = g * v / ||v||, one norm per output unit (a column of v, which is stored [in, out]).
+
+    The norm is taken in at least float32: a 4096-long column's squared sum overflows fp16.
+    """
+    acc = torch.promote_types(v.dtype, torch.float32)
+    scale = g.to(acc) / v.to(acc).norm(dim=0)  # [out]
+    return v * scale.to(v.dtype)
+
+
+def cell(xm, xz, h, c, wh, wmh):
+    """One mLSTM step. xm = x W_mx and xz = x W_x + b are precomputed for all timesteps. [B, H] states."""
+    # m_t = (W_mx x_t) * (W_mh h_{t-1})      -- the multiplicative, input-dependent transition
+    m = xm * (h @ wmh)
+    # z_t = W_x x_t + W_h m_t + b
+    z = xz + m @ wh  # [B, 4H]
+    H = h.shape[1]
+    # i, f, o = sigmoid(.)  (one call for the three sigmoid gates);  u = tanh(.)
+    ifo = torch.sigmoid(z[:, : 3 * H])
+    i, f, o = ifo[:, :H], ifo[:, H : 2 * H], ifo[:, 2 * H :]
+    u = torch.tanh(z[:, 3 * H :])
+    # c_t = f * c_{t-1} + i * u
+    c = f * c + i * u
+    # h_t = o * tanh(c_t)
+    h = o * torch.tanh(c)
+    return h, c
+
+
+class MLSTM(nn.Module):
+    def __init__(self, hidden=256, embed=64, vocab=256, weight_norm=True):
+        super().__init__()
+        self.hidden, self.embed_dim, self.vocab, self.use_wn = hidden, embed, vocab, weight_norm
+        H, E = hidden, embed
+        self.embed = nn.Embedding(vocab, E)
+        # Stored [in, out] as in the reference, so that the products read x @ wx.
+        # Uniform(+-1/sqrt(fan_in)) is nn.Linear's default; it keeps z's variance ~1/3 at the start.
+        self.wx = nn.Parameter(torch.empty(E, 4 * H).uniform_(-E**-0.5, E**-0.5))
+        self.wh = nn.Parameter(torch.empty(H, 4 * H).uniform_(-H**-0.5, H**-0.5))
+        self.wmx = nn.Parameter(torch.empty(E, H).uniform_(-E**-0.5, E**-0.5))
+        self.wmh = nn.Parameter(torch.empty(H, H).uniform_(-H**-0.5, H**-0.5))
+        self.b = nn.Parameter(torch.zeros(4 * H))
+        if weight_norm:
+            # Gains start at the columns' norms, so w == v at initialisation.
+            for name in ("x", "h", "mx", "mh"):
+                v = getattr(self, "w" + name)
+                self.register_parameter("g" + name, nn.Parameter(v.detach().norm(dim=0).clone()))
+        self.out = nn.Linear(H, vocab)
+
+    def weights(self):
+        """The effective (wx, wh, wmx, wmh): weight-normalised once per forward, not per timestep."""
+        if not self.use_wn:
+            return self.wx, self.wh, self.wmx, self.wmh
+        return tuple(weight_norm(getattr(self, "w" + n), getattr(self, "g" + n)) for n in ("x", "h", "mx", "mh"))
+
+    def zero_state(self, batch, device=None, dtype=None):
+        p = self.wh
+        z = torch.zeros(batch, self.hidden, device=device or p.device, dtype=dtype or p.dtype)
+        return z, z.clone()
+
+    def rnn(self, x, state=None, return_cells=False):
+        """x: byte ids [B, T]. Returns hs [B, T, H], cs [B, T, H] (or None) and the final (h, c)."""
+        B, T = x.shape
+        wx, wh, wmx, wmh = self.weights()
+        h, c = state if state is not None else self.zero_state(B)
+        e = self.embed(x)  # [B, T, E]
+        # The input-side products of every timestep in two large matmuls, outside the time loop.
+        xm = e @ wmx  # [B, T, H]
+        xz = e @ wx + self.b  # [B, T, 4H]
+        hs, cs = [], []
+        for t in range(T):
+            h, c = cell(xm[:, t], xz[:, t], h, c, wh, wmh)
+            hs.append(h)
+            if return_cells:
+                cs.append(c)
+        hs = torch.stack(hs, 1)  # [B, T, H]
+        cs = torch.stack(cs, 1) if return_cells else None  # [B, T, H]
+        return hs, cs, (h, c)
+
+    def forward(self, x, state=None, return_cells=False):
+        """x: byte ids [B, T]. Returns logits [B, T, 256], the final state (h, c), and with
+        return_cells=True also the cell state at every step [B, T, H]."""
+        hs, cs, state = self.rnn(x, state, return_cells)
+        logits = self.out(hs)  # [B, T, 256]
+        return (logits, state, cs) if return_cells else (logits, state)
+
+
+def detach_state(state):
+    """Truncated BPTT: the state flows into the next window, its gradient history does not."""
+    return tuple(s.detach() for s in state)
+
+
+def loss_fn(logits, y):
+    """Mean cross-entropy in nats, computed in float32 whatever the logits' dtype."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def model_config(cfg):
+    """The keyword arguments of MLSTM from a run's config dict (train.py's config.json)."""
+    return dict(hidden=cfg["hidden"], embed=cfg["embed"], weight_norm=not cfg["no_weight_norm"])
+
+
+def load_pretrained(path, device="cpu"):
+    """(model, config) from a train.py checkpoint; clear errors instead of deep tracebacks."""
+    import os
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        model = MLSTM(**model_config(ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # a truncated file, a pickle with code in it, another model's weights
+        raise SystemExit(f"{path}: not a usable mLSTM checkpoint ({type(e).__name__}: {str(e)[:300]})")
+    return model.to(device), ckpt["config"]

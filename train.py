@@ -1,0 +1,281 @@
+"""Train the byte-level mLSTM language model: one script for one process or many (torchrun).
+
+Puri et al. 2018 (arXiv 1808.01371), "Training": Adam, truncated BPTT with the state carried across
+windows of each row, learning rate decayed linearly to zero over min(iters, epochs x steps/epoch),
+a base learning rate for batch 128 scaled to the global batch (none / linear / sqrt rules),
+gradient clipping, mixed precision (fp16.py) and data parallelism (distributed.py).
+
+    python train.py                                           # the bundled demo: data/reviews.txt.gz, CPU
+    python train.py --data corpus.jsonl.gz --hidden 4096 --batch-size 128 --seq-len 256 --dtype fp16
+    torchrun --standalone --nproc_per_node=8 train.py --data DIR --batch-size 1024 --lr-rule sqrt ...
+    python train.py --out out/demo --resume                   # continue a run exactly where it stopped
+
+--out DIR receives config.json, metrics.jsonl (one JSON object per log/eval event) and ckpt.pt
+(the previous one kept as ckpt.prev.pt), loaded with torch.load(weights_only=True).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import data
+import distributed
+import fp16
+from mlstm import MLSTM, PRESETS, detach_state, loss_fn, model_config
+
+# Flags that steer one invocation but not the computation: they may change on --resume.
+RUN_FLAGS = {"resume", "stop_at", "log_every", "eval_every", "eval_iters", "save_every", "sample_chars", "device"}
+
+
+def scaled_lr(lr, rule, batch):
+    """The paper's rules for a base lr given at batch 128: none, linear (x B/128), sqrt (x sqrt(B/128))."""
+    return {"none": lr, "linear": lr * batch / 128, "sqrt": lr * math.sqrt(batch / 128)}[rule]
+
+
+def lr_at(step, peak, warmup, total):
+    """Linear warmup from 0 over `warmup` steps, then linear decay to 0 at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+@torch.no_grad()
+def evaluate(model, loader, iters, device):
+    """Bits per character over the first `iters` windows of a held-out stream, state carried."""
+    state, total = model.zero_state(len(loader.rows)), torch.zeros((), device=device)
+    n = min(iters, loader.steps_per_epoch)
+    for k in range(n):
+        x, y = (torch.from_numpy(a).to(device) for a in loader.batch(k))
+        logits, state = model(x, state)
+        total += loss_fn(logits, y)
+    return distributed.all_reduce_mean(total / n).item() / math.log(2)
+
+
+@torch.no_grad()
+def sample(model, prime, n, temperature=0.8, seed=0):
+    """n bytes sampled after `prime`, one step at a time, as text (invalid UTF-8 replaced)."""
+    device = model.wh.device
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.tensor([list(prime)], device=device)
+    logits, state = model(x)
+    out = []
+    for _ in range(n):
+        probs = torch.softmax(logits[0, -1].float() / temperature, -1)
+        b = torch.multinomial(probs, 1, generator=g)
+        out.append(int(b))
+        logits, state = model(b.view(1, 1), state)
+    return (prime + bytes(out)).decode("utf-8", errors="replace")
+
+
+def save_checkpoint(path, ckpt):
+    """Write to a temporary file, keep the previous checkpoint as .prev, then rename into place."""
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    if os.path.exists(path):
+        os.replace(path, path[:-3] + ".prev.pt")
+    os.replace(tmp, path)
+
+
+def load_checkpoint(out, config, log):
+    """The newest readable checkpoint in `out` (ckpt.pt, else ckpt.prev.pt), checked against config."""
+    for path in (os.path.join(out, "ckpt.pt"), os.path.join(out, "ckpt.prev.pt")):
+        if not os.path.exists(path):
+            continue
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            log(f"warning: {path} is unreadable ({type(e).__name__}: {str(e)[:200]}); trying the previous one")
+            continue
+        diff = {k: (ckpt["config"].get(k), v) for k, v in config.items()
+                if k not in RUN_FLAGS and ckpt["config"].get(k) != v}
+        if diff:
+            raise SystemExit(f"error: {path} was trained with another configuration; differences "
+                             f"(checkpoint vs command): {diff}. Use another --out or the same flags.")
+        log(f"resuming from {path} at step {ckpt['step']}")
+        return ckpt
+    return None
+
+
+def main(cfg):
+    d = distributed.setup(cfg["device"])
+    log = (lambda *a: print(*a, flush=True)) if d.main else (lambda *a: None)
+    if d.main:
+        try:
+            os.makedirs(cfg["out"], exist_ok=True)
+            with open(os.path.join(cfg["out"], "config.json"), "w") as f:
+                json.dump(cfg, f, indent=1)
+        except OSError as e:
+            raise SystemExit(f"error: cannot write to --out {cfg['out']}: {e}")
+    log("config: " + json.dumps(cfg))
+
+    # Data: rank 0 prepares a raw source once (cached); the others wait, then memory-map the same files.
+    try:
+        if d.main:
+            corpus = data.resolve(cfg["data"], cfg["cache_dir"], cfg["text_field"], cfg["val_frac"],
+                                  cfg["test_frac"], log=log)
+        distributed.barrier()
+        if not d.main:
+            corpus = data.resolve(cfg["data"], cfg["cache_dir"], cfg["text_field"], cfg["val_frac"], cfg["test_frac"])
+        B, T = cfg["batch_size"], cfg["seq_len"]
+        loader = data.ByteLoader(os.path.join(corpus, "train.bin"), B, T, d.rank, d.world)
+        evals = {}
+        for split in ("val", "test"):
+            path, w = os.path.join(corpus, split + ".bin"), d.world
+            rows = min(B, os.path.getsize(path) // (T + 1) // w * w)  # fewer rows for a small held-out set
+            if rows > 0:
+                evals[split] = data.ByteLoader(path, rows, T, d.rank, d.world)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+    spe = loader.steps_per_epoch
+    total = min(cfg["iters"] or math.inf, cfg["epochs"] * spe if cfg["epochs"] else math.inf)
+    end = min(total, cfg["stop_at"] or total)
+    peak = scaled_lr(cfg["lr"], cfg["lr_rule"], B)
+    log(f"data: {corpus}: {len(loader.data) / 1e6:.1f} MB train, {spe} steps per epoch; "
+        f"{total} steps, {total * B * T / 1e6:.1f}M chars, peak lr {peak:.3g}")
+
+    torch.manual_seed(cfg["seed"])
+    model = MLSTM(**model_config(cfg))
+    ckpt = load_checkpoint(cfg["out"], cfg, log) if cfg["resume"] else None
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    model.to(d.device)
+    distributed.broadcast_params(model)
+    mp = fp16.MixedPrecision(model, cfg["dtype"], cfg["loss_scale"], cfg["scale_growth"],
+                             dynamic=not cfg["static_loss_scale"])
+    opt = torch.optim.Adam(mp.masters, lr=peak)
+    reduce = distributed.GradReducer(cfg["bucket_mb"], torch.float32 if cfg["comm_fp32"] else None)
+    step, local = 0, B // d.world
+    state = model.zero_state(local)
+    if ckpt:
+        opt.load_state_dict(ckpt["optimizer"])
+        mp.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        rows = slice(d.rank * local, (d.rank + 1) * local)
+        state = tuple(s[rows].to(d.device, fp16.DTYPES[cfg["dtype"]]) for s in ckpt["state"])
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg['dtype']} on "
+        f"{d.device} x {d.world} process(es)")
+
+    def checkpoint():
+        full = [distributed.gather_rows(s.float()).cpu() for s in state]
+        if d.main:
+            save_checkpoint(os.path.join(cfg["out"], "ckpt.pt"), {
+                "model": mp.master_state_dict(), "optimizer": opt.state_dict(), "scaler": mp.state_dict(),
+                "step": step, "state": full, "rng": torch.get_rng_state(), "config": cfg})
+
+    def record(event):
+        if d.main:
+            with open(os.path.join(cfg["out"], "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(event) + "\n")
+
+    loss_sum, n_loss, t0, last_ok = torch.zeros((), device=d.device), 0, time.time(), step
+    t_start, step_start = t0, step
+    while step < end:
+        if loader.window(step) == 0:  # the streams restart at each epoch: so does the state
+            state = model.zero_state(local)
+        x, y = (torch.from_numpy(a).to(d.device, non_blocking=True) for a in loader.batch(step))
+        lr = lr_at(step, peak, cfg["warmup"], total)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        logits, state = model(x, state)
+        state = detach_state(state)
+        loss = loss_fn(logits, y)
+        mp.backward(loss)
+        grad_norm, _ = mp.step(opt, cfg["clip"], reduce)
+        loss_sum += loss.detach()
+        n_loss += 1
+        step += 1
+        if step % cfg["log_every"] == 0 or step == end:
+            mean = distributed.all_reduce_mean(loss_sum / n_loss).item()
+            diverged = not math.isfinite(mean) or (cfg["dtype"] != "fp16" and mp.skipped) or (
+                cfg["dtype"] == "fp16" and mp.scale <= 1.0 and mp.good_steps == 0)
+            if diverged:
+                raise SystemExit(f"error: training diverged at step {step} (loss {mean}, {mp.skipped} skipped "
+                                 f"steps, loss scale {mp.scale:g}); the last good checkpoint is in {cfg['out']} "
+                                 f"(step {last_ok}). Lower --lr or raise --warmup.")
+            dt = time.time() - t0
+            cps = n_loss * B * T / dt
+            eta = (end - step) * (time.time() - t_start) / (step - step_start)
+            log(f"step {step}/{total} | loss {mean:.3f} | bpc {mean / math.log(2):.3f} | lr {lr:.2e} | "
+                f"scale {mp.scale:g} | skipped {mp.skipped} | {1000 * dt / n_loss:.0f} ms | "
+                f"{cps / 1e6:.3g}M chars/s | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
+            record({"step": step, "loss": mean, "bpc": mean / math.log(2), "lr": lr, "grad_norm": grad_norm.item(),
+                    "scale": mp.scale, "skipped": mp.skipped, "chars_per_s": cps})
+            loss_sum, n_loss, t0 = torch.zeros((), device=d.device), 0, time.time()
+            if step % cfg["save_every"] == 0 or step == end:
+                checkpoint()
+                last_ok = step
+        if (step % cfg["eval_every"] == 0 or step == total) and "val" in evals:
+            val = evaluate(model, evals["val"], cfg["eval_iters"], d.device)
+            log(f"step {step}/{total} | val bpc {val:.3f}")
+            record({"step": step, "val_bpc": val})
+    if step == total:
+        if "test" in evals:
+            test = evaluate(model, evals["test"], cfg["eval_iters"], d.device)
+            log(f"final | test bpc {test:.3f}")
+            record({"step": step, "test_bpc": test})
+        if cfg["sample_chars"] and d.main:
+            log("sample: " + sample(model, b"\n ", cfg["sample_chars"], seed=cfg["seed"]))
+    distributed.cleanup()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a byte-level mLSTM language model (Puri et al. 2018).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="data/reviews.txt.gz",
+                   help="a prepared corpus folder (data.py), or a raw source: text, .jsonl[.gz], .csv, aclImdb")
+    p.add_argument("--out", default="out/demo", help="folder for config.json, metrics.jsonl, ckpt.pt")
+    p.add_argument("--cache-dir", default="data/prepared", help="where raw sources are prepared on first use")
+    p.add_argument("--text-field", default="reviewText", help="JSON field / CSV column of the text")
+    p.add_argument("--val-frac", type=float, default=0.01, help="documents held out for validation (paper 0.001)")
+    p.add_argument("--test-frac", type=float, default=0.01, help="documents held out for test (paper 0.001)")
+    p.add_argument("--hidden", default="demo", help=f"mLSTM units: an integer or a preset {PRESETS}")
+    p.add_argument("--embed", type=int, default=64, help="byte embedding size")
+    p.add_argument("--no-weight-norm", action="store_true", help="turn off weight normalisation")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch (rows), over all processes")
+    p.add_argument("--seq-len", type=int, default=64, help="truncated-BPTT window (paper: 256)")
+    p.add_argument("--iters", type=int, default=600, help="training steps (0: use --epochs)")
+    p.add_argument("--epochs", type=float, default=0, help="epochs; with --iters the smaller wins (0: off)")
+    p.add_argument("--stop-at", type=int, default=0, help="end this invocation at this step (schedule unchanged)")
+    p.add_argument("--lr", type=float, default=1e-3, help="base learning rate for batch 128 (paper 5e-4)")
+    p.add_argument("--lr-rule", choices=["none", "linear", "sqrt"], default="none", help="scaling of --lr to the batch")
+    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
+    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    p.add_argument("--dtype", choices=list(fp16.DTYPES), default="fp32", help="compute precision")
+    p.add_argument("--loss-scale", type=float, default=2.0**16, help="initial fp16 loss scale")
+    p.add_argument("--static-loss-scale", action="store_true", help="keep --loss-scale fixed")
+    p.add_argument("--scale-growth", type=int, default=1000, help="good steps before the loss scale doubles")
+    p.add_argument("--bucket-mb", type=float, default=25.0, help="all-reduce bucket size in MB")
+    p.add_argument("--comm-fp32", action="store_true", help="all-reduce in float32 (default: compute dtype)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the initial weights and the sample")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint if there is one")
+    p.add_argument("--log-every", type=int, default=20, help="steps between log lines")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between validation")
+    p.add_argument("--eval-iters", type=int, default=50, help="validation windows per evaluation")
+    p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (a multiple of --log-every)")
+    p.add_argument("--sample-chars", type=int, default=300, help="bytes sampled at the end (0: none)")
+    a = p.parse_args(argv)
+    a.hidden = PRESETS.get(a.hidden) or (int(a.hidden) if a.hidden.isdigit() else p.error(
+        f"--hidden must be an integer or one of {list(PRESETS)}"))
+    for name in ("hidden", "embed", "batch_size", "seq_len", "log_every", "eval_every", "eval_iters", "save_every"):
+        if getattr(a, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if a.iters <= 0 and a.epochs <= 0:
+        p.error("give --iters or --epochs")
+    if a.save_every % a.log_every:
+        p.error("--save-every must be a multiple of --log-every (checkpoints follow a finite-loss check)")
+    if a.lr <= 0 or a.clip < 0 or a.warmup < 0 or a.loss_scale < 1:
+        p.error("--lr must be > 0, --clip and --warmup >= 0, --loss-scale >= 1")
+    return vars(a)
+
+
+if __name__ == "__main__":
+    main(parse_args())
