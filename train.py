@@ -72,6 +72,11 @@ def sample(model, prime, n, temperature=0.8, seed=0):
     return (prime + bytes(out)).decode("utf-8", errors="replace")
 
 
+def duration(seconds):
+    h, m, s = int(seconds // 3600), int(seconds % 3600 // 60), int(seconds % 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
 def save_checkpoint(path, ckpt):
     """Write to a temporary file, keep the previous checkpoint as .prev, then rename into place."""
     tmp = path + ".tmp"
@@ -205,7 +210,7 @@ def main(cfg):
             eta = (end - step) * (time.time() - t_start) / (step - step_start)
             log(f"step {step}/{total} | loss {mean:.3f} | bpc {mean / math.log(2):.3f} | lr {lr:.2e} | "
                 f"scale {mp.scale:g} | skipped {mp.skipped} | {1000 * dt / n_loss:.0f} ms | "
-                f"{cps / 1e6:.3g}M chars/s | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
+                f"{cps / 1e6:.3g}M chars/s | eta {duration(eta)}")
             record({"step": step, "loss": mean, "bpc": mean / math.log(2), "lr": lr, "grad_norm": grad_norm.item(),
                     "scale": mp.scale, "skipped": mp.skipped, "chars_per_s": cps})
             loss_sum, n_loss, t0 = torch.zeros((), device=d.device), 0, time.time()
@@ -241,10 +246,10 @@ def parse_args(argv=None):
     p.add_argument("--no-weight-norm", action="store_true", help="turn off weight normalisation")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (rows), over all processes")
     p.add_argument("--seq-len", type=int, default=64, help="truncated-BPTT window (paper: 256)")
-    p.add_argument("--iters", type=int, default=600, help="training steps (0: use --epochs)")
+    p.add_argument("--iters", type=int, default=1500, help="training steps (0: use --epochs)")
     p.add_argument("--epochs", type=float, default=0, help="epochs; with --iters the smaller wins (0: off)")
     p.add_argument("--stop-at", type=int, default=0, help="end this invocation at this step (schedule unchanged)")
-    p.add_argument("--lr", type=float, default=1e-3, help="base learning rate for batch 128 (paper 5e-4)")
+    p.add_argument("--lr", type=float, default=2e-3, help="base learning rate, for batch 128 under --lr-rule (paper 5e-4)")
     p.add_argument("--lr-rule", choices=["none", "linear", "sqrt"], default="none", help="scaling of --lr to the batch")
     p.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
     p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")

@@ -1,0 +1,110 @@
+"""train.py: learning-rate schedule and scaling rules, a run that learns, exact resume, golden losses."""
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+
+import train
+
+
+def corpus(tmp_path, n=400):
+    rng = random.Random(0)
+    words = "the movie was good bad great awful plot actor scene fun boring and but very not".split()
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) for _ in range(n))
+    path = tmp_path / "corpus.txt"
+    path.write_text(text + "\n")
+    return str(path)
+
+
+def run(tmp_path, out, *flags):
+    argv = ["--data", corpus(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / out),
+            "--hidden", "16", "--batch-size", "4", "--seq-len", "16", "--log-every", "1", "--save-every", "2",
+            "--eval-every", "1000", "--eval-iters", "2", "--sample-chars", "0", "--device", "cpu", *flags]
+    train.main(train.parse_args(argv))
+    with open(tmp_path / out / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(metrics):
+    return [m["loss"] for m in metrics if "loss" in m]
+
+
+def test_lr_schedule_warmup_and_linear_decay():
+    peak, warmup, total = 1e-3, 10, 110
+    assert train.lr_at(0, peak, warmup, total) == pytest.approx(1e-4)
+    assert train.lr_at(9, peak, warmup, total) == pytest.approx(peak)  # warmup ends at the peak
+    assert train.lr_at(10, peak, warmup, total) == pytest.approx(peak)
+    assert train.lr_at(60, peak, warmup, total) == pytest.approx(peak / 2)  # halfway through the decay
+    assert train.lr_at(110, peak, warmup, total) == 0.0
+    assert train.lr_at(0, peak, 0, 100) == pytest.approx(peak)
+
+
+def test_lr_scaling_rules_from_batch_128():
+    assert train.scaled_lr(5e-4, "none", 1024) == 5e-4
+    assert train.scaled_lr(5e-4, "linear", 1024) == pytest.approx(4e-3)
+    assert train.scaled_lr(5e-4, "sqrt", 512) == pytest.approx(1e-3)
+    assert train.scaled_lr(5e-4, "sqrt", 128) == pytest.approx(5e-4)
+
+
+def test_bad_flags_are_refused_with_a_message(capsys):
+    for argv, msg in ((["--hidden", "huge"], "--hidden must be"), (["--batch-size", "0"], "--batch-size must be"),
+                      (["--save-every", "30", "--log-every", "20"], "multiple of --log-every")):
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
+        assert msg in capsys.readouterr().err
+
+
+def test_tiny_run_learns(tmp_path):
+    m = run(tmp_path, "a", "--iters", "60", "--lr", "1e-2", "--log-every", "10", "--save-every", "60", "--eval-every", "60")
+    first, last = losses(m)[0], losses(m)[-1]
+    assert last < first - 0.5, f"loss went from {first:.3f} to {last:.3f}"
+    val = [e["val_bpc"] for e in m if "val_bpc" in e]
+    assert val and val[-1] < 8 - 3, f"held-out bpc {val} not well below 8 bits"
+    assert {"step", "loss", "bpc", "lr", "grad_norm", "chars_per_s"} <= set(m[0])
+    assert os.path.isfile(tmp_path / "a" / "config.json") and os.path.isfile(tmp_path / "a" / "ckpt.pt")
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    straight = losses(run(tmp_path, "straight", "--iters", "8"))
+    first = losses(run(tmp_path, "resumed", "--iters", "8", "--stop-at", "4"))
+    assert len(first) == 4
+    second = losses(run(tmp_path, "resumed", "--iters", "8", "--resume"))[4:]
+    assert first + second == straight, f"resumed {first + second} vs straight {straight}"
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
+    diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
+    assert diff == 0.0, f"parameters differ by {diff}"
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    run(tmp_path, "a", "--iters", "2")
+    with pytest.raises(SystemExit, match="another configuration.*hidden"):
+        run(tmp_path, "a", "--iters", "2", "--resume", "--hidden", "8")
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real, calls = train.loss_fn, []
+
+    def poisoned(logits, y):  # the 6th training step returns NaN
+        calls.append(1)
+        loss = real(logits, y)
+        return loss * math.nan if len(calls) == 6 else loss
+
+    monkeypatch.setattr(train, "loss_fn", poisoned)
+    with pytest.raises(SystemExit, match="diverged at step 6"):
+        run(tmp_path, "a", "--iters", "10")
+    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# Losses of the first 5 steps of the tiny model above (seed 1, CPU, fp32), recorded with torch 2.13.0.
+GOLDEN = [5.55435, 5.566417, 5.535129, 5.537367, 5.522027]
+
+
+def test_golden_losses(tmp_path):
+    got = losses(run(tmp_path, "g", "--iters", "5", "--lr", "1e-3"))
+    diff = max(abs(a - b) for a, b in zip(got, GOLDEN))
+    assert len(got) == 5 and diff < 1e-4, f"losses {got} vs golden {GOLDEN}: max |diff| {diff}"
