@@ -1,0 +1,183 @@
+"""transfer.py: featurisation (padding, chunking), the solvers against scikit-learn, the neuron finder,
+the loaders and their errors, the command line end to end on a tiny checkpoint."""
+import gzip
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+import mlstm
+import train
+import transfer
+from data import DataError
+
+
+def problem(n=300, d=12, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    w = rng.normal(size=d) * (rng.random(d) < 0.5)
+    y = (X @ w + 0.5 * rng.normal(size=n) > 0).astype(np.int64)
+    return X, y
+
+
+@pytest.mark.parametrize("C", [2.0**-6, 2.0**-2, 1.0, 4.0])
+def test_l2_matches_sklearn(C):
+    X, y = problem()
+    w, b = transfer.fit_l2(X, y, C)
+    ref = LogisticRegression(C=C, tol=1e-12, max_iter=10000).fit(X, y)
+    diff = max(np.abs(w - ref.coef_[0]).max(), abs(b - ref.intercept_[0]))
+    assert diff < 1e-6, f"L2 coefficients differ from sklearn by {diff:.2e}"
+
+
+@pytest.mark.parametrize("C", [2.0**-6, 2.0**-3, 1.0])
+def test_l1_matches_sklearn(C):
+    X, y = problem(seed=1)
+    w, b = transfer.fit_l1(X, y, C, tol=1e-9)
+    ref = LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", tol=1e-10, max_iter=10000,
+                             intercept_scaling=1e4).fit(X, y)  # huge scaling: liblinear's bias ~unpenalised
+    rw = ref.coef_[0]
+    diff = max(np.abs(w - rw).max(), abs(b - ref.intercept_[0]))
+    assert diff < 1e-3, f"L1 coefficients differ from sklearn by {diff:.2e}"
+    assert set(np.flatnonzero(w)) == set(np.flatnonzero(np.abs(rw) > 1e-6)), (np.flatnonzero(w), np.flatnonzero(rw))
+    acc, ref_acc = transfer.accuracy(X, y, w, b), ref.score(X, y)
+    assert abs(acc - ref_acc) <= 1 / len(y) + 1e-12, (acc, ref_acc)  # at most one point on the boundary
+
+
+def test_neuron_finder_recovers_planted_feature():
+    rng = np.random.default_rng(3)
+    n, d, planted = 400, 64, 37
+    y = rng.integers(0, 2, n)
+    X = rng.normal(size=(n, d))
+    X[:, planted] = -(2 * y - 1) * 1.5 + rng.normal(size=n)  # informative, with a negative sign
+    Z = transfer.standardize(X)[0]
+    best = transfer.fit_select(Z[:300], y[:300], Z[300:], y[300:], "l1")
+    assert int(np.argmax(np.abs(best["w"]))) == planted, np.argsort(-np.abs(best["w"]))[:5]
+    assert best["w"][planted] < 0
+    t, acc = transfer.threshold_fit(Z[:300, planted], y[:300], sign=-1.0)
+    brute = max(((-Z[:300, planted] > s) == (y[:300] == 1)).mean() for s in np.append(-Z[:300, planted], -np.inf))
+    assert abs(acc - brute) < 1e-12, (acc, brute)
+
+
+def tiny_model(seed=0, hidden=16):
+    torch.manual_seed(seed)
+    return mlstm.MLSTM(hidden=hidden, embed=8).eval()
+
+
+def texts(n=9, seed=0):
+    rng = np.random.default_rng(seed)
+    return [bytes(rng.integers(32, 127, int(k)).astype(np.uint8)) for k in rng.integers(1, 70, n)]
+
+
+@pytest.mark.parametrize("feature", transfer.FEATURES)
+def test_padding_and_chunking_do_not_change_features(feature):
+    model, bs = tiny_model(), texts()
+    alone = np.stack([transfer.featurize(model, [b], feature, batch_size=1, chunk=10_000)[0] for b in bs])
+    batched = transfer.featurize(model, bs, feature, batch_size=4, chunk=7)
+    diff = np.abs(alone - batched).max()
+    assert diff < 1e-5, f"padded+chunked features differ from one-at-a-time by {diff:.2e}"
+    # Independent reference: the full forward over the text, then pick the feature by hand.
+    for b, got in zip(bs, batched):
+        x = torch.tensor(list(b))[None]
+        hs, cs, _ = model.rnn(x, return_cells=True)
+        want = {"cell": cs[0, -1], "hidden": hs[0, -1], "mean": cs[0].mean(0)}[feature].detach().numpy()
+        assert np.abs(got - want).max() < 1e-5, np.abs(got - want).max()
+
+
+def write(path, text):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.write(text)
+    return str(path)
+
+
+def test_read_labeled_formats(tmp_path):
+    want = (["good film", "bad, awful"], [1, 0])
+    files = [write(tmp_path / "a.csv", 'label,text\n1,good film\n0,"bad, awful"\n'),
+             write(tmp_path / "a.tsv", "text\tlabel\ngood film\tpos\nbad, awful\tneg\n"),
+             write(tmp_path / "a.jsonl.gz", '{"text": "good film", "label": 1}\n\n{"text": "bad, awful", "label": "0"}\n')]
+    for f in files:
+        t, y = transfer.read_labeled(f)
+        assert (t, y.tolist()) == want, f
+
+
+@pytest.mark.parametrize("content,message", [
+    ("label,body\n1,x\n", "no column 'text'"),
+    ("label,text\n1,x\n2,y\n", "not binary"),
+    ("label,text\n", "empty split"),
+    ("label,text\n1\n", "no 'text' text"),
+])
+def test_read_labeled_errors(tmp_path, content, message):
+    with pytest.raises(DataError, match=message) as e:
+        transfer.read_labeled(write(tmp_path / "bad.csv", content))
+    assert "bad.csv" in str(e.value)
+
+
+def test_read_labeled_missing_and_bad_json(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        transfer.read_labeled(str(tmp_path / "none.csv"))
+    with pytest.raises(DataError, match="bad.jsonl: cannot read"):
+        transfer.read_labeled(write(tmp_path / "bad.jsonl", '{"text": "a", "label": 1}\nnot json\n'))
+
+
+def imdb_tar(tmp_path, n=5):
+    path = tmp_path / "aclImdb_v1.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "test"):
+            for cls in ("pos", "neg", "unsup"):
+                for i in range(n if cls != "unsup" or split == "train" else 0):
+                    raw = f"{split} {cls} review {i}<br />the end".encode()
+                    info = tarfile.TarInfo(f"aclImdb/{split}/{cls}/{i}_7.txt")
+                    info.size = len(raw)
+                    tar.addfile(info, io.BytesIO(raw))
+    return path
+
+
+def test_load_imdb_and_sst2(tmp_path):
+    splits = transfer.load_imdb(str(imdb_tar(tmp_path, n=10)))
+    assert {s: len(t) for s, (t, _) in splits.items()} == {"train": 16, "val": 4, "test": 20}
+    assert not any("unsup" in t for t, _ in [splits["train"]])
+    seen = set(splits["train"][0]) | set(splits["val"][0])
+    assert len(seen) == 20 and all(t.startswith("train") for t in seen)
+    for f in ("train", "dev", "test"):
+        write(tmp_path / f"{f}.csv", "label,sentence\n1,fine\n0,poor\n")
+    s = transfer.load_sst2(str(tmp_path))
+    assert s["val"][0] == ["fine", "poor"] and s["test"][1].tolist() == [1, 0]
+
+
+def test_heatmap_html_escapes_and_checks():
+    page = transfer.heatmap_html([b"<b>\xc3\xa9", b"ok"], [[1, -1, 0.5, 0.5, 0.25], [0, 0]], title="t")
+    assert "&lt;" in page and "\u00e9" in page and "<b>" not in page.split("</h3>")[1]
+    with pytest.raises(ValueError, match="bytes but"):
+        transfer.heatmap_html([b"abc"], [[1, 2]])
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    """A tiny train.py checkpoint, a separable toy task, the whole CLI: results JSON, heatmap, cache."""
+    corpus = write(tmp_path / "corpus.txt", "".join(f"this is line {i} of a tiny corpus\n" for i in range(200)))
+    train.main(train.parse_args(["--data", corpus, "--out", str(tmp_path / "run"), "--hidden", "16",
+                                 "--embed", "8", "--batch-size", "4", "--seq-len", "16", "--iters", "3",
+                                 "--eval-every", "1000", "--log-every", "1", "--save-every", "3", "--sample-chars", "0",
+                                 "--cache-dir", str(tmp_path / "prep"), "--device", "cpu"]))
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 60), ("test", 30)):
+        rows = [("1", "wonderful great " * int(k)) if i % 2 else ("0", "awful bad " * int(k))
+                for i, k in enumerate(rng.integers(1, 4, n))]
+        write(tmp_path / f"{split}.csv", "label,text\n" + "".join(f"{y},{t}\n" for y, t in rows))
+    argv = ["--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--train", str(tmp_path / "train.csv"),
+            "--test", str(tmp_path / "test.csv"), "--json", str(tmp_path / "r.json"), "--device", "cpu",
+            "--bow-vocab", "50"]
+    res = transfer.run(transfer.parse_args(argv), log=lambda *a: None)
+    saved = json.load(open(tmp_path / "r.json"))
+    for key in ("test_acc", "val_acc", "C", "nonzero", "neuron", "neuron_test_acc", "baseline_test_acc"):
+        assert saved[key] == res[key], key
+    assert res["baseline_test_acc"] == 1.0, res["baseline"]  # the words separate the classes exactly
+    assert 0 <= res["neuron"] < 16 and res["C"] in transfer.GRID
+    assert (tmp_path / "run" / "transfer-files" / "heatmap.html").stat().st_size > 0
+    assert not any(res["featurize"][s]["cached"] for s in ("train", "test"))
+    again = transfer.run(transfer.parse_args(argv), log=lambda *a: None)
+    assert all(again["featurize"][s]["cached"] for s in ("train", "val", "test"))
+    assert again["test_acc"] == res["test_acc"]
