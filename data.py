@@ -32,13 +32,14 @@ import numpy as np
 SPLITS = ("train", "val", "test")
 
 
-def normalize(text):
+def normalize(text, errors="replace"):
     """Radford et al.'s preprocessing: HTML unescape, newlines to spaces, frame as '\\n ' + text + ' '.
 
-    Returns UTF-8 bytes: the model reads bytes, so a document is its byte string.
+    Returns UTF-8 bytes: the model reads bytes, so a document is its byte string. errors="surrogateescape"
+    gives back the raw bytes of a text decoded with it (generate.py's byte primes).
     """
     text = html.unescape(text).replace("\n", " ").strip()
-    return ("\n " + text + " ").encode("utf-8", errors="replace")
+    return ("\n " + text + " ").encode("utf-8", errors=errors)
 
 
 class DataError(Exception):

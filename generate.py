@@ -1,0 +1,181 @@
+"""Sample reviews from a pretrained byte mLSTM, steer them with the sentiment neuron, watch it fire.
+
+Radford et al. 2017 (arXiv 1704.01444) sections 4-5, "generating with the sentiment neuron": the model
+writes a review byte by byte; holding the sentiment unit of the cell state at a fixed value at every step
+makes the review positive or negative on demand. The neuron's index and sign are the ones transfer.py
+finds (its results.json: keys `neuron`, `neuron_sign`); --value is then in the positive direction.
+
+    python generate.py --checkpoint out/demo/ckpt.pt --prime "This movie" --length 300 --temperature 0.8
+    python generate.py --checkpoint CKPT --num-samples 4 --top-k 40 --seed 3
+    python generate.py --checkpoint CKPT --results out/demo/transfer-imdb/results.json --value 2    # positive
+    python generate.py --checkpoint CKPT --results out/demo/transfer-imdb/results.json --value -2   # negative
+    python generate.py --checkpoint CKPT --neuron 2388 --text "Great film, awful ending." --heatmap fire.html
+
+The prime is framed like a corpus document (data.normalize without the closing space, so the model
+continues the review; --raw feeds it as is). Any bytes are a valid prime: the model reads bytes. One
+sample streams to stdout as it is written; the output is decoded as UTF-8, invalid bytes replaced.
+"""
+import argparse, codecs, json, math, os, sys, time
+
+import torch
+
+import data
+import mlstm
+from transfer import DTYPES, heatmap_html, unit_trace
+
+
+def frame(prime):
+    """data.normalize's framing of a byte string, minus the closing space that would end the document."""
+    text = prime.decode("utf-8", "surrogateescape")  # invalid bytes survive the round trip unchanged
+    return data.normalize(text, errors="surrogateescape")[:-1]
+
+
+def stepper(model, neuron=None, value=0.0):
+    """step(x [B] byte ids, (h, c)) -> (logits [B, 256], (h, c)): one mLSTM step. The weights are
+    normalised once here, not per step, and the input side is tabulated for all 256 bytes, so that a
+    step is two row lookups and the recurrent products. With `neuron`, c[:, neuron] is held at `value`.
+    Call it under torch.inference_mode(), as sample() does."""
+    wx, wh, wmx, wmh = model.weights()
+    emb = model.embed.weight
+    xm, xz = emb @ wmx, emb @ wx + model.b  # [256, H], [256, 4H]
+
+    def step(x, state):
+        h, c = mlstm.cell(xm[x], xz[x], *state, wh, wmh)
+        if neuron is not None:
+            c[:, neuron] = value  # after this step's update: the next step reads the held value
+        return model.out(h), (h, c)
+    return step
+
+
+def pick(logits, temperature, top_k, gen):
+    """Next byte ids [B] from logits [B, 256]: argmax at temperature 0, else a draw from the softmax of
+    logits / temperature restricted to the top_k most likely bytes (0: all)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
+
+
+@torch.inference_mode()
+def sample(model, prime, length, temperature=1.0, top_k=0, num_samples=1, seed=0, neuron=None, value=0.0,
+           on_bytes=None):
+    """`num_samples` texts (bytes: prime + `length` sampled bytes), generated together as one batch.
+    on_bytes(ids [B]) sees each step's new bytes as they come. The neuron is held during the prime too."""
+    dev = model.wh.device
+    step, gen = stepper(model, neuron, value), torch.Generator(device=dev).manual_seed(seed)
+    state = model.zero_state(num_samples)
+    for b in prime:
+        logits, state = step(torch.full((num_samples,), b, device=dev), state)
+    out = torch.empty(num_samples, length, dtype=torch.int64, device=dev)
+    for t in range(length):
+        out[:, t] = x = pick(logits, temperature, top_k, gen)
+        if on_bytes:
+            on_bytes(x)
+        if t + 1 < length:
+            logits, state = step(x, state)
+    return [prime + bytes(row) for row in out.tolist()]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Sample (and steer) reviews from a byte mLSTM (see the docstring).")
+    p.add_argument("--checkpoint", required=True, help="train.py checkpoint (.pt)")
+    p.add_argument("--prime", default="", help="text the review starts with, framed like the corpus "
+                                                "(data.normalize): '\\n ' + text")
+    p.add_argument("--raw", action="store_true", help="feed --prime as is, without the corpus framing")
+    p.add_argument("--length", type=int, default=300, help="bytes to sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (0: greedy argmax)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely bytes (0: all 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument("--num-samples", type=int, default=1, help="samples generated together as a batch")
+    p.add_argument("--neuron", type=int, help="unit of the cell state to hold (--value) or show (--heatmap)")
+    p.add_argument("--results", help="transfer.py results.json: take the neuron and its sign from it")
+    p.add_argument("--value", type=float, help="hold the neuron at this value (times --results' sign) at every step")
+    p.add_argument("--heatmap", help="write the neuron per byte, read freely (not held), to this HTML file")
+    p.add_argument("--text", help="with --heatmap: show the neuron over this text (framed by data.normalize) "
+                                  "instead of sampling")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="default: the checkpoint's dtype on cuda, fp32 on cpu")
+    a = p.parse_args(argv)
+    for flag, v, ok, rule in (("length", a.length, a.length >= 0, ">= 0"),
+                              ("num-samples", a.num_samples, a.num_samples >= 1, ">= 1"),
+                              ("temperature", a.temperature, a.temperature >= 0, ">= 0 (0: greedy)"),  # NaN fails
+                              ("top-k", a.top_k, 0 <= a.top_k <= 256, "in 0..256 (0: all bytes)")):
+        if not ok:
+            p.error(f"--{flag} must be {rule}, not {v}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: CUDA is not available here")
+    try:  # argv carries non-UTF-8 bytes as surrogates (PEP 383): os.fsencode gives the raw bytes back
+        a.prime = os.fsencode(a.prime) if a.raw else frame(os.fsencode(a.prime))
+        if a.text is not None:  # as the corpus reads its files: invalid UTF-8 replaced, then normalised
+            a.text = data.normalize(os.fsencode(a.text).decode("utf-8", "replace"))
+    except UnicodeEncodeError as e:
+        p.error(f"--prime/--text is not encodable text ({e.reason} at position {e.start})")
+    if not a.prime:
+        p.error("--prime is empty: the model needs at least one byte to start from (drop --raw)")
+    if a.neuron is not None and a.results:
+        p.error("give --neuron or --results, not both")
+    a.sign = 1
+    if a.results:
+        try:
+            with open(a.results) as f:
+                r = json.load(f)
+            a.neuron, a.sign = int(r["neuron"]), int(r["neuron_sign"])
+            if a.sign not in (1, -1):
+                raise ValueError(f"neuron_sign is {a.sign}, not +1 or -1")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            p.error(f"--results {a.results}: not a transfer.py results file ({type(e).__name__}: {e})")
+    if a.value is not None and not math.isfinite(a.value):
+        p.error(f"--value must be a finite number, not {a.value}")
+    if (a.value is not None or a.heatmap) and a.neuron is None:
+        p.error("--value and --heatmap need a neuron: --neuron INDEX or --results results.json")
+    if a.text is not None and (not a.heatmap or a.value is not None):
+        p.error("--text goes with --heatmap only: it shows the neuron over the text and samples nothing")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    model, config = mlstm.load_pretrained(a.checkpoint, a.device)
+    if a.neuron is not None and not 0 <= a.neuron < model.hidden:
+        raise SystemExit(f"error: --neuron {a.neuron} is out of range: the model has {model.hidden} units")
+    dtype = a.dtype or (config.get("dtype", "fp32") if a.device.startswith("cuda") else "fp32")
+    model = model.to(dtype=DTYPES[dtype]).eval()  # train.py's dtypes are transfer.py's
+    value = None if a.value is None else a.sign * a.value  # --value is in the neuron's positive direction
+    if a.text is not None:
+        texts = [a.text]
+    else:
+        out, dec = sys.stdout, codecs.getincrementaldecoder("utf-8")("replace")  # a character may span bytes
+        if hasattr(out, "reconfigure"):
+            out.reconfigure(errors="replace")  # a non-UTF-8 terminal gets '?', not an exception
+
+        def stream(x):
+            out.write(dec.decode(bytes([int(x[0])])))
+            out.flush()
+
+        one = a.num_samples == 1
+        if one:
+            out.write(dec.decode(a.prime))
+        t0 = time.time()
+        texts = sample(model, a.prime, a.length, a.temperature, a.top_k, a.num_samples, a.seed,
+                       None if value is None else a.neuron, value, stream if one else None)
+        el = max(time.time() - t0, 1e-9)
+        if one:
+            out.write(dec.decode(b"", final=True) + "\n")
+        else:
+            for i, t in enumerate(texts):
+                out.write(f"=== sample {i + 1}/{a.num_samples} ===\n{t.decode('utf-8', 'replace')}\n")
+        out.flush()  # before the timing line on stderr
+        print(f"{a.num_samples} x {a.length} bytes in {el:.2f}s: {1000 * el / max(a.length, 1):.2f} ms per step, "
+              f"{a.num_samples * a.length / el:.0f} bytes/s ({model.hidden} units, {a.device} {dtype})",
+              file=sys.stderr)
+    if a.heatmap:
+        held = "" if value is None else f", held at {value:g} while sampling"
+        heatmap_html(texts, [a.sign * unit_trace(model, t, a.neuron) for t in texts], a.heatmap,
+                     f"neuron {a.neuron} (sign {a.sign:+d}), cell state{held}")
+        print(f"wrote {a.heatmap}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
