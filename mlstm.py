@@ -38,9 +38,10 @@ def cell(xm, xz, h, c, wh, wmh):
     z = xz + m @ wh  # [B, 4H]
     H = h.shape[1]
     # i, f, o = sigmoid(.)  (one call for the three sigmoid gates);  u = tanh(.)
-    ifo = torch.sigmoid(z[:, : 3 * H])
-    i, f, o = ifo[:, :H], ifo[:, H : 2 * H], ifo[:, 2 * H :]
-    u = torch.tanh(z[:, 3 * H :])
+    # split and chunk, not slices: their backward is one cat, a slice's a zero-filled copy of the whole.
+    z_ifo, z_u = z.split([3 * H, H], 1)
+    i, f, o = torch.sigmoid(z_ifo).chunk(3, 1)  # [B, H] each
+    u = torch.tanh(z_u)
     # c_t = f * c_{t-1} + i * u
     c = f * c + i * u
     # h_t = o * tanh(c_t)
@@ -81,7 +82,7 @@ class MLSTM(nn.Module):
 
     def rnn(self, x, state=None, return_cells=False):
         """x: byte ids [B, T]. Returns hs [B, T, H], cs [B, T, H] (or None) and the final (h, c)."""
-        B, T = x.shape
+        B = x.shape[0]
         wx, wh, wmx, wmh = self.weights()
         h, c = state if state is not None else self.zero_state(B)
         e = self.embed(x)  # [B, T, E]
@@ -89,8 +90,10 @@ class MLSTM(nn.Module):
         xm = e @ wmx  # [B, T, H]
         xz = e @ wx + self.b  # [B, T, 4H]
         hs, cs = [], []
-        for t in range(T):
-            h, c = cell(xm[:, t], xz[:, t], h, c, wh, wmh)
+        # unbind, not xz[:, t]: its backward is one stack, where each of T selects adds up a full-size
+        # [B, T, 4H] gradient (zeros but one slice): T^2 memory traffic, most of a CPU step at T = 256.
+        for xm_t, xz_t in zip(xm.unbind(1), xz.unbind(1)):
+            h, c = cell(xm_t, xz_t, h, c, wh, wmh)
             hs.append(h)
             if return_cells:
                 cs.append(c)
