@@ -186,7 +186,7 @@ def main(cfg):
         if loader.window(step) == 0:  # the streams restart at each epoch: so does the state
             state = model.zero_state(local)
         x, y = (torch.from_numpy(a).to(d.device, non_blocking=True) for a in loader.batch(step))
-        lr = lr_at(step, peak, cfg["warmup"], total)
+        lr = lr_at(step - mp.skipped, peak, cfg["warmup"], total)  # a skipped step does not advance the schedule
         for group in opt.param_groups:
             group["lr"] = lr
         logits, state = model(x, state)
