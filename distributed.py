@@ -12,6 +12,7 @@ and LOCAL_RANK; without it everything here is a no-op and no process group is ma
 """
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -62,14 +63,6 @@ def all_reduce_mean(t):
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
-
-
-def any_rank(flag, device):
-    """True on every rank when `flag` is true on any rank (a stop decision must be unanimous)."""
-    t = torch.tensor(float(flag), device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t)
 
 
 class GradReducer:
@@ -132,4 +125,8 @@ def gather_rows(t):
 
 def cleanup():
     if dist.is_initialized():
+        # gloo's worker threads free the last collectives' tensors a moment after they complete, and that
+        # takes the GIL: one still waiting for it when the interpreter exits aborts the process ("terminate
+        # called without an active exception", SIGABRT) after a successful run. Sleeping releases the GIL.
+        time.sleep(0.1)
         dist.destroy_process_group()
