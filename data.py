@@ -51,6 +51,28 @@ def _open_text(path):
     return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
 
 
+# The longest line (document) read, in characters: a longer one is skipped and counted, read in bounded pieces,
+# so that a file with no newline (a 1 GB "line") costs bounded memory. A review is a few kB.
+MAX_LINE = 2**22
+
+
+def _lines(f, skip, limit=None):
+    """(lineno, line) for each line of text file f; a line over `limit` characters goes to skip(lineno, why)."""
+    limit = limit or MAX_LINE
+    lineno = 0
+    while True:
+        line = f.readline(limit + 1)
+        if not line:
+            return
+        lineno += 1
+        if len(line) > limit and line[-1] not in "\r\n":  # longer than the limit: drain the rest of it
+            while line and line[-1] not in "\r\n":
+                line = f.readline(2**20)
+            skip(lineno, f"line longer than {limit} characters")
+            continue
+        yield lineno, line
+
+
 def _kind(path):
     name = path[:-3] if path.endswith(".gz") else path
     if os.path.isdir(path) or ".tar" in os.path.basename(path) or path.endswith(".tgz"):
@@ -111,12 +133,12 @@ def documents(path, text_field="reviewText", stats=None):
     try:
         with _open_text(path) as f:
             if kind == "json":
-                for lineno, line in enumerate(f, 1):
+                for lineno, line in _lines(f, skip):
                     if not line.strip():
                         continue
                     try:
                         text = json.loads(line).get(text_field)
-                    except (ValueError, AttributeError):
+                    except (ValueError, AttributeError, RecursionError):  # RecursionError: [[[[... nested deep
                         skip(lineno, "not a JSON object")
                         continue
                     if isinstance(text, str):
@@ -136,7 +158,7 @@ def documents(path, text_field="reviewText", stats=None):
                     else:
                         skip(lineno, f"empty or missing {column!r}")
             else:
-                for line in f:
+                for _, line in _lines(f, skip):
                     if line.strip():
                         yield line
     except (OSError, EOFError, csv.Error) as e:  # e.g. a truncated .gz, a binary file in CSV
@@ -181,7 +203,8 @@ def prepare(sources, out_dir, text_field="reviewText", val_frac=0.01, test_frac=
             f.close()
     if pos["train"] == 0:
         shutil.rmtree(tmp)
-        raise DataError(f"{', '.join(sources)}: no documents found (empty corpus)")
+        why = f"; skipped {stats['skipped']} lines, e.g. " + "; ".join(stats["examples"][:2]) if stats["skipped"] else ""
+        raise DataError(f"{', '.join(sources)}: no documents found (empty corpus){why}")
     if stats["skipped"]:
         log(f"prepare: skipped {stats['skipped']} lines, e.g. " + "; ".join(stats["examples"]))
     meta = {"sources": [os.path.abspath(s) for s in sources], "text_field": text_field, "val_frac": val_frac,

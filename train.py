@@ -9,6 +9,7 @@ gradient clipping, mixed precision (fp16.py) and data parallelism (distributed.p
     python train.py --data corpus.jsonl.gz --hidden 4096 --batch-size 128 --seq-len 256 --dtype fp16
     torchrun --standalone --nproc_per_node=8 train.py --data DIR --batch-size 1024 --lr-rule sqrt ...
     python train.py --out out/demo --resume                   # continue a run exactly where it stopped
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts=3 ... train.py ... --resume   # restart on failure
 
 --out DIR receives config.json, metrics.jsonl (one JSON object per log/eval event) and ckpt.pt
 (the previous one kept as ckpt.prev.pt), loaded with torch.load(weights_only=True).
@@ -19,6 +20,7 @@ import math
 import os
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -28,8 +30,12 @@ import distributed
 import fp16
 from mlstm import MLSTM, PRESETS, detach_state, loss_fn, model_config
 
-# Flags that steer one invocation but not the computation: they may change on --resume.
-RUN_FLAGS = {"resume", "stop_at", "log_every", "eval_every", "eval_iters", "save_every", "sample_chars", "device"}
+# Flags that steer one invocation but not the computation: they may change on --resume (a run folder may move).
+RUN_FLAGS = {"resume", "stop_at", "log_every", "eval_every", "eval_iters", "save_every", "sample_chars", "device",
+             "timeout", "out", "cache_dir"}
+# A mean loss above this (nats per byte; 10x a uniform guess over 256 bytes, 80 bits per byte) is divergence
+# even when finite: a too-high learning rate sends the loss to millions, not to inf.
+DIVERGED_LOSS = 10 * math.log(256)
 
 
 def scaled_lr(lr, rule, batch):
@@ -78,38 +84,80 @@ def duration(seconds):
 
 
 def save_checkpoint(path, ckpt):
-    """Write to a temporary file, keep the previous checkpoint as .prev, then rename into place."""
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    if os.path.exists(path):
-        os.replace(path, path[:-3] + ".prev.pt")
-    os.replace(tmp, path)
+    """Write to a temporary file, keep the previous checkpoint as .prev, then rename into place.
+
+    A process killed at any point leaves ckpt.pt or ckpt.prev.pt complete (load_checkpoint takes the first
+    readable one). A failed write (disk full) removes the partial file, leaves ckpt.pt as it was and exits."""
+    tmp, prev = path + ".tmp", path[:-3] + ".prev.pt"
+    rotated = False
+    try:
+        torch.save(ckpt, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            os.replace(path, prev)
+            rotated = True
+        os.replace(tmp, path)
+    except OSError as e:
+        for undo in ((lambda: os.replace(prev, path)) if rotated else None, lambda: os.remove(tmp)):
+            try:
+                undo and undo()
+            except OSError:
+                pass
+        raise SystemExit(f"error: cannot write the checkpoint {path} ({type(e).__name__}: {e}); the previous "
+                         f"checkpoint, if any, is left as it was (resume with --resume once there is room)")
 
 
-def load_checkpoint(out, config, log):
-    """The newest readable checkpoint in `out` (ckpt.pt, else ckpt.prev.pt), checked against config."""
+def load_checkpoint(out, config, log, main=True):
+    """The newest readable checkpoint in `out` (ckpt.pt, else ckpt.prev.pt), checked against config.
+
+    Every entry's CRC-32 is checked first: torch.load alone reads a flipped bit as a different weight.
+    An unreadable ckpt.pt is renamed ckpt.pt.corrupt (by the main process), so that the next save does not
+    rotate it over the good ckpt.prev.pt. Checkpoints present but none usable: an error, not a fresh start."""
+    bad = []
     for path in (os.path.join(out, "ckpt.pt"), os.path.join(out, "ckpt.prev.pt")):
         if not os.path.exists(path):
             continue
         try:
+            with zipfile.ZipFile(path) as z:  # torch.load does not check the CRC-32s of torch.save's zip entries
+                damaged = z.testzip()
+            if damaged:
+                raise ValueError(f"CRC-32 mismatch in {damaged}: the file is corrupted")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            log(f"warning: {path} is unreadable ({type(e).__name__}: {str(e)[:200]}); trying the previous one")
+            missing = {"model", "optimizer", "scaler", "step", "state", "rng", "config"} - set(ckpt)
+            if missing or not isinstance(ckpt["config"], dict):
+                raise KeyError(f"not a train.py checkpoint: no {sorted(missing) or 'config dict'}")
+            diff = {k: (ckpt["config"].get(k), v) for k, v in config.items()
+                    if k not in RUN_FLAGS and ckpt["config"].get(k) != v}
+            if diff:
+                raise SystemExit(f"error: {path} was trained with another configuration; differences "
+                                 f"(checkpoint vs command): {diff}. Use another --out or the same flags.")
+            with torch.device("meta"):  # the shapes the configuration makes, without allocating them
+                want = {k: tuple(v.shape) for k, v in MLSTM(**model_config(config)).state_dict().items()}
+            got = {k: tuple(getattr(v, "shape", ())) for k, v in ckpt["model"].items()}
+            if got != want:
+                raise ValueError(f"its weights do not fit its configuration: "
+                                 f"{sorted(set(got.items()) ^ set(want.items()))[:4]}")
+        except Exception as e:  # truncated, corrupted, a pickle that would run code, a foreign file
+            bad.append(f"{path}: {type(e).__name__}: {str(e)[:200]}")
+            log(f"warning: {path} is unusable ({type(e).__name__}: {str(e)[:200]}); trying the previous one")
+            if main and path.endswith("ckpt.pt"):
+                try:
+                    os.replace(path, path + ".corrupt")
+                    log(f"warning: moved it to {path}.corrupt")
+                except OSError:
+                    pass
             continue
-        diff = {k: (ckpt["config"].get(k), v) for k, v in config.items()
-                if k not in RUN_FLAGS and ckpt["config"].get(k) != v}
-        if diff:
-            raise SystemExit(f"error: {path} was trained with another configuration; differences "
-                             f"(checkpoint vs command): {diff}. Use another --out or the same flags.")
         log(f"resuming from {path} at step {ckpt['step']}")
         return ckpt
+    if bad:
+        raise SystemExit(f"error: --resume: no usable checkpoint in {out} ({'; '.join(bad)}). Move them away "
+                         f"to start afresh.")
     return None
 
 
 def main(cfg):
-    d = distributed.setup(cfg["device"])
+    d = distributed.setup(cfg["device"], cfg["timeout"])
     log = (lambda *a: print(*a, flush=True)) if d.main else (lambda *a: None)
     if d.main:
         try:
@@ -147,7 +195,7 @@ def main(cfg):
 
     torch.manual_seed(cfg["seed"])
     model = MLSTM(**model_config(cfg))
-    ckpt = load_checkpoint(cfg["out"], cfg, log) if cfg["resume"] else None
+    ckpt = load_checkpoint(cfg["out"], cfg, log, d.main) if cfg["resume"] else None
     if ckpt:
         model.load_state_dict(ckpt["model"])
     model.to(d.device)
@@ -177,11 +225,15 @@ def main(cfg):
 
     def record(event):
         if d.main:
-            with open(os.path.join(cfg["out"], "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(event) + "\n")
+            try:
+                with open(os.path.join(cfg["out"], "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(event) + "\n")
+            except OSError as e:  # a full disk
+                raise SystemExit(f"error: cannot write {cfg['out']}/metrics.jsonl ({type(e).__name__}: {e}); the "
+                                 f"last checkpoint is in {cfg['out']} (step {last_ok})")
 
     loss_sum, n_loss, t0, last_ok = torch.zeros((), device=d.device), 0, time.time(), step
-    t_start, step_start = t0, step
+    t_start, step_start, skipped_before = t0, step, mp.skipped
     while step < end:
         if loader.window(step) == 0:  # the streams restart at each epoch: so does the state
             state = model.zero_state(local)
@@ -199,8 +251,10 @@ def main(cfg):
         step += 1
         if step % cfg["log_every"] == 0 or step == end:
             mean = distributed.all_reduce_mean(loss_sum / n_loss).item()
-            diverged = not math.isfinite(mean) or (cfg["dtype"] != "fp16" and mp.skipped) or (
-                cfg["dtype"] == "fp16" and mp.scale <= 1.0 and mp.good_steps == 0)
+            # fp16: the scaler halves S on overflow; S at its floor of 1 (dynamic), or a static S with every step
+            # since the last log skipped, has nothing left to rescue: that is divergence too.
+            stuck = mp.scale <= 1.0 and mp.good_steps == 0 if mp.dynamic else mp.skipped - skipped_before == n_loss
+            diverged = not mean < DIVERGED_LOSS or (mp.skipped and (cfg["dtype"] != "fp16" or stuck))
             if diverged:
                 raise SystemExit(f"error: training diverged at step {step} (loss {mean}, {mp.skipped} skipped "
                                  f"steps, loss scale {mp.scale:g}); the last good checkpoint is in {cfg['out']} "
@@ -213,7 +267,7 @@ def main(cfg):
                 f"{cps / 1e6:.3g}M chars/s | eta {duration(eta)}")
             record({"step": step, "loss": mean, "bpc": mean / math.log(2), "lr": lr, "grad_norm": grad_norm.item(),
                     "scale": mp.scale, "skipped": mp.skipped, "chars_per_s": cps})
-            loss_sum, n_loss, t0 = torch.zeros((), device=d.device), 0, time.time()
+            loss_sum, n_loss, t0, skipped_before = torch.zeros((), device=d.device), 0, time.time(), mp.skipped
             if step % cfg["save_every"] == 0 or step == end:
                 checkpoint()
                 last_ok = step
@@ -267,6 +321,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-iters", type=int, default=50, help="validation windows per evaluation")
     p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (a multiple of --log-every)")
     p.add_argument("--sample-chars", type=int, default=300, help="bytes sampled at the end (0: none)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds a process waits for the others in a "
+                   "collective before it ends with an error (a rank that died or hangs)")
     a = p.parse_args(argv)
     a.hidden = PRESETS.get(a.hidden) or (int(a.hidden) if a.hidden.isdigit() else p.error(
         f"--hidden must be an integer or one of {list(PRESETS)}"))
@@ -279,8 +335,20 @@ def parse_args(argv=None):
         p.error("--save-every must be a multiple of --log-every (checkpoints follow a finite-loss check)")
     if a.lr <= 0 or a.clip < 0 or a.warmup < 0 or a.loss_scale < 1:
         p.error("--lr must be > 0, --clip and --warmup >= 0, --loss-scale >= 1")
+    if not a.timeout > 0:
+        p.error("--timeout must be > 0 seconds")
     return vars(a)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except RuntimeError as e:  # gloo/NCCL: a peer closed its connection (it died) or a collective timed out
+        if not distributed.dist.is_initialized():
+            raise
+        print(f"error: rank {distributed.dist.get_rank()}: a collective with the other processes failed "
+              f"({str(e).strip().splitlines()[0][:300]}). Another process died or stopped answering (see its "
+              f"log; --timeout bounds the wait); restart with --resume to continue from the last checkpoint.",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # not sys.exit: the process group's threads, still waiting on the lost peer, abort an exit

@@ -70,14 +70,16 @@ def read_labeled(path, text_column="text", label_column="label"):
                     if col not in (reader.fieldnames or []):
                         raise DataError(f"{path}: no column {col!r} (columns: {reader.fieldnames})")
             else:
-                rows = ((n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip())
+                def too_long(n, why):
+                    raise DataError(f"{path}:{n}: {why}")
+                rows = ((n, json.loads(line)) for n, line in data._lines(f, too_long) if line.strip())
             for n, row in rows:
                 if not isinstance(row, dict) or not isinstance(row.get(text_column), str) \
                         or row.get(label_column) in (None, ""):
                     raise DataError(f"{path}:{n}: no {text_column!r} text or no {label_column!r} label")
                 texts.append(row[text_column])
                 labels.append(_label(row[label_column], f"{path}:{n}"))
-    except (OSError, EOFError, csv.Error, ValueError) as e:  # ValueError: a line that is not JSON
+    except (OSError, EOFError, csv.Error, ValueError, RecursionError) as e:  # a line that is not JSON, or nested deep
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})")
     if not texts:
         raise DataError(f"{path}: no labelled rows (empty split)")
