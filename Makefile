@@ -1,10 +1,10 @@
 # make demo: train the bundled demo (data/reviews.txt.gz) on CPU in a few minutes.
-# make test: run the whole test suite. Both create .venv on first use.
+# make test: run the whole test suite. make bench: bench.py's demo-size table. All create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench.py
 
 clean:
 	rm -rf out data/prepared
