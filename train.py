@@ -187,7 +187,7 @@ def main(cfg):
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
     spe = loader.steps_per_epoch
-    total = min(cfg["iters"] or math.inf, cfg["epochs"] * spe if cfg["epochs"] else math.inf)
+    total = min(cfg["iters"] or math.inf, max(1, round(cfg["epochs"] * spe)) if cfg["epochs"] else math.inf)
     end = min(total, cfg["stop_at"] or total)
     peak = scaled_lr(cfg["lr"], cfg["lr_rule"], B)
     log(f"data: {corpus}: {len(loader.data) / 1e6:.1f} MB train, {spe} steps per epoch; "

@@ -108,3 +108,13 @@ def test_golden_losses(tmp_path):
     got = losses(run(tmp_path, "g", "--iters", "5", "--lr", "1e-3"))
     diff = max(abs(a - b) for a, b in zip(got, GOLDEN))
     assert len(got) == 5 and diff < 1e-4, f"losses {got} vs golden {GOLDEN}: max |diff| {diff}"
+
+
+def test_fractional_epochs_end_the_run_with_its_final_log_and_test_bpc(tmp_path):
+    m = run(tmp_path, "a", "--iters", "0", "--epochs", "0.37")
+    steps = [e["step"] for e in m if "loss" in e]
+    with open(tmp_path / "a" / "config.json") as f:
+        assert json.load(f)["epochs"] == 0.37
+    assert steps and steps[-1] == len(steps), f"logged steps {steps}"
+    assert any("test_bpc" in e for e in m), f"no final test bpc in {m[-3:]}"
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["step"] == steps[-1]
