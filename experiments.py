@@ -1,0 +1,628 @@
+"""Puri et al. 2018's study at our scale: model size, learning-rate rules at growing batch, precision.
+
+Every run is a train.py subprocess (one at a time) on IMDB's unlabelled + training reviews (never its test
+reviews), evaluated on held-out text by this file's --bpc mode and transferred to sentiment with
+transfer.py. The tables (results.md), results.json and lr_rules.png (the loss curves) go to --out; every
+number in a table sits next to the commands that produced it. Finished runs are skipped: rerunning the same
+command resumes an interrupted sweep (a run cut off midway restarts from scratch).
+
+    # the CPU-scale tables (tiny models: 28 min on one thread of a shared 2-core machine)
+    OMP_NUM_THREADS=1 python experiments.py --scale cpu
+    OMP_NUM_THREADS=1 python experiments.py --scale cpu --only lr             # one experiment
+    python experiments.py --scale cpu --dry-run                               # print the plan only
+    # the GPU scale: same script, bigger flags (measure one run first, then size --chars to the time left)
+    python experiments.py --scale gpu --chars 2e8 --lr-chars 1e8
+    # the held-out BPC of a checkpoint, as in the tables
+    python experiments.py --bpc out/experiments/runs/h128_b32_t64_none-0.002_fp32_3M/ckpt.pt
+
+Experiments (flags; `--scale` fills in the ones not given):
+  size       --hidden-sizes at --size-batch, one --chars budget; BPC, SST-2 / IMDB accuracy (all units, neuron).
+  lr         --rules (RULE:BASE_LR, train.py's --lr-rule none|linear|sqrt, base lr at batch 128) x --batches
+             at --lr-hidden, one --lr-chars budget (the same epochs); 'Div' when train.py detects divergence.
+  precision  --dtypes at --precision-hidden, --size-batch and --chars: BPC and wall time.
+Runs with identical settings are shared (the size run at --precision-hidden is precision's fp32 row).
+
+Held-out BPC: the checkpoint's fp32 weights on the corpus' test split, --eval-rows streams x --eval-windows
+windows of --eval-seq bytes, state carried: the same text for every run (train.py's own val/test BPC reads
+batch-size rows, so it differs with the batch; it is kept in results.json).
+Transfer: transfer.py on SST-2 (--sst2-dir) and IMDB (--imdb-dir; --imdb-limit texts per split). Its
+bag-of-words baseline does not depend on the checkpoint and costs more than the rest of the transfer on CPU:
+it is computed once per task (the first transfer) and the other transfers pass --bow-vocab 1 (their
+baseline numbers are unused).
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+SCALES = {
+    # sizes measured on a shared 2-core CPU with one thread: hidden 64/128/256 at batch 32 x 64 take about
+    # 23/44/130 ms a step.
+    "cpu": dict(hidden_sizes="64,128,256", size_batch=32, seq_len=64, chars=3e6, size_lr="none:2e-3",
+                lr_hidden=128, batches="16,64,256", lr_chars=1.5e6,
+                rules="linear:5e-4,sqrt:5e-4,none:5e-4,none:3e-3", dtypes="fp32,bf16,fp16", precision_hidden=128,
+                train_dtype="fp32", sst2_limit=0, imdb_limit=1000, device="cpu", threads=1,
+                eval_rows=16, eval_seq=256, eval_windows=32),
+    # a starting point for one GPU: measure one run, then set --chars / --lr-chars to the time there is.
+    "gpu": dict(hidden_sizes="1024,2048,4096", size_batch=128, seq_len=256, chars=1e8, size_lr="none:5e-4",
+                lr_hidden=1024, batches="128,512,2048", lr_chars=1e8,
+                rules="linear:5e-4,sqrt:5e-4,none:5e-4,none:3e-3", dtypes="fp32,fp16,bf16", precision_hidden=2048,
+                train_dtype="bf16", sst2_limit=0, imdb_limit=0, device="cuda", threads=0,
+                eval_rows=64, eval_seq=256, eval_windows=64),
+}
+RULE_NAMES = {"none": "fixed", "linear": "linear", "sqrt": "sqrt"}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def rel(path):
+    """A path relative to the repo root (commands run there), or absolute when outside the working tree."""
+    r = os.path.relpath(os.path.abspath(path), ROOT)
+    return r if not r.startswith("../../") else os.path.abspath(path)
+
+
+def csv_list(s, kind=str):
+    return [kind(x) for x in str(s).split(",") if x.strip()]
+
+
+def rules_list(s):
+    out = []
+    for item in csv_list(s):
+        rule, _, lr = item.partition(":")
+        if rule not in RULE_NAMES or not lr:
+            raise SystemExit(f"error: --rules item {item!r}: expected RULE:LR with RULE in none|linear|sqrt")
+        out.append((rule, float(lr)))
+    return out
+
+
+def rule_label(rule, lr):
+    return f"fixed {lr:g}" if rule == "none" else f"{rule} ({lr:g} at 128)"
+
+
+def mchars(n):
+    return f"{n / 1e6:g}M"
+
+
+def command(argv, a):
+    env = f"OMP_NUM_THREADS={a.threads} " if a.threads else ""
+    return env + shlex.join(["python", *map(str, argv)])
+
+
+def load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def code_version():
+    """sha1 prefixes of the files a run executes: another edit of them mid-sweep shows up in the tables."""
+    out = {}
+    for name in ("mlstm.py", "train.py", "fp16.py", "data.py", "distributed.py"):
+        with open(os.path.join(ROOT, name), "rb") as f:
+            out[name] = hashlib.sha1(f.read()).hexdigest()[:10]
+    return out
+
+
+def read_metrics(path):
+    events = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    events.append(json.loads(line))
+                except ValueError:
+                    pass
+    return events
+
+
+# ---------------------------------------------------------------- the held-out evaluator (--bpc)
+
+
+def heldout_bpc(checkpoint, rows=16, seq=256, windows=32, split="test", device="cpu"):
+    """BPC of a train.py checkpoint (fp32) on `rows` streams x `windows` windows of `seq` bytes of its corpus'
+    `split`, state carried (train.evaluate). Fewer rows when the split is small. -> dict(bpc, chars, ...)."""
+    import data
+    import mlstm
+    import train
+
+    model, cfg = mlstm.load_pretrained(checkpoint, device)
+    corpus = data.resolve(cfg["data"], cfg["cache_dir"], cfg["text_field"], cfg["val_frac"], cfg["test_frac"],
+                          log=lambda *_: None)
+    path = os.path.join(corpus, split + ".bin")
+    rows = min(rows, os.path.getsize(path) // (seq + 1))
+    if rows < 1:
+        raise SystemExit(f"error: {path} is too small for one window of {seq + 1} bytes; lower --eval-seq")
+    loader = data.ByteLoader(path, rows, seq)
+    n = min(windows, loader.steps_per_epoch)
+    bpc = train.evaluate(model.float().eval(), loader, n, device)
+    return dict(bpc=bpc, chars=rows * n * seq, rows=rows, seq=seq, windows=n, split=split,
+                params=sum(p.numel() for p in model.parameters()))
+
+
+# ---------------------------------------------------------------- the plan
+
+
+class Run:
+    """One training configuration, its folder, its commands and the experiments it serves."""
+
+    def __init__(self, a, hidden, batch, chars, rule, lr, dtype):
+        self.hidden, self.batch, self.seq, self.chars = hidden, batch, a.seq_len, chars
+        self.rule, self.lr, self.dtype = rule, lr, dtype
+        self.name = f"h{hidden}_b{batch}_t{a.seq_len}_{rule}-{lr:g}_{dtype}_{mchars(chars)}"
+        self.dir = os.path.join(a.out, "runs", self.name)
+        self.iters = max(1, round(chars / (batch * a.seq_len)))
+        log_every = max(1, self.iters // a.points)
+        self.argv = ["train.py", "--data", a.data, "--cache-dir", a.cache_dir, "--out", rel(self.dir),
+                     "--hidden", hidden, "--batch-size", batch, "--seq-len", a.seq_len, "--iters", self.iters,
+                     "--lr", f"{lr:g}", "--lr-rule", rule, "--dtype", dtype, "--device", a.device, "--seed", a.seed,
+                     "--log-every", log_every, "--save-every", log_every * (self.iters // log_every + 1),
+                     "--eval-every", self.iters, "--eval-iters", max(1, 2**16 // (batch * a.seq_len)),
+                     "--sample-chars", 0]
+        if a.nproc > 1:
+            self.argv = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}", *self.argv]
+        self.ckpt = os.path.join(self.dir, "ckpt.pt")
+        self.bpc_argv = ["experiments.py", "--bpc", rel(self.ckpt), "--eval-rows", a.eval_rows, "--eval-seq",
+                         a.eval_seq, "--eval-windows", a.eval_windows, "--device", a.device]
+        self.tasks = []  # transfer tasks wanted by the experiments using this run
+
+    def peak_lr(self):
+        return {"none": self.lr, "linear": self.lr * self.batch / 128,
+                "sqrt": self.lr * math.sqrt(self.batch / 128)}[self.rule]
+
+
+def plan(a):
+    """{experiment: [Run]} for the experiments in --only; identical configurations are one Run object."""
+    runs, exps = {}, {}
+
+    def get(exp, tasks, *key):
+        r = Run(a, *key)
+        r = runs.setdefault(r.name, r)
+        r.tasks += [t for t in tasks if t not in r.tasks]
+        exps.setdefault(exp, []).append(r)
+
+    (size_rule, size_lr), = rules_list(a.size_lr)
+    for exp in a.only:
+        if exp == "size":
+            for h in a.hidden_sizes:
+                get("size", a.size_tasks, h, a.size_batch, a.chars, size_rule, size_lr, a.train_dtype)
+        elif exp == "lr":
+            for rule, lr in a.rules:
+                for b in a.batches:
+                    get("lr", a.lr_tasks, a.lr_hidden, b, a.lr_chars, rule, lr, a.train_dtype)
+        elif exp == "precision":
+            for d in a.dtypes:
+                get("precision", [], a.precision_hidden, a.size_batch, a.chars, size_rule, size_lr, d)
+    return runs, exps
+
+
+# ---------------------------------------------------------------- running
+
+
+def subprocess_env(a):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if a.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(a.threads)
+    return env
+
+
+def train_run(r, a):
+    """Train r unless its run.json says it finished (ok or diverged). -> run.json's dict."""
+    done = os.path.join(r.dir, "run.json")
+    got = load_json(done)
+    if got and got.get("argv") == [str(x) for x in r.argv]:
+        return got
+    shutil.rmtree(r.dir, ignore_errors=True)  # an interrupted or differently-configured run: start afresh
+    os.makedirs(r.dir)
+    print(f"train {r.name}: {r.iters} steps ...", flush=True)
+    code = code_version()
+    t0 = time.time()
+    with open(os.path.join(r.dir, "train.log"), "w") as log:
+        p = subprocess.run([sys.executable, *map(str, r.argv)], cwd=ROOT, env=subprocess_env(a),
+                           stdout=log, stderr=subprocess.STDOUT)
+    wall = time.time() - t0
+    with open(os.path.join(r.dir, "train.log"), errors="replace") as f:
+        text = f.read()
+    div = re.search(r"error: training diverged at step (\d+) \(loss ([^,]+),", text)
+    res = dict(argv=[str(x) for x in r.argv], rc=p.returncode, wall_s=round(wall, 2),
+               status="ok" if p.returncode == 0 else "div" if div else "failed", code=code)
+    if div:
+        res.update(diverged_step=int(div.group(1)), diverged_loss=div.group(2))
+    print(f"train {r.name}: {res['status']} in {wall:.0f}s" + (f" (diverged at step {div.group(1)})" if div else ""),
+          flush=True)
+    if res["status"] == "failed":  # not recorded as finished: a rerun tries again
+        print("  " + "\n  ".join(text.strip().splitlines()[-8:]), file=sys.stderr, flush=True)
+        return res
+    write_json(done, res)
+    return res
+
+
+def eval_run(r, a):
+    path = os.path.join(r.dir, "heldout.json")
+    got = load_json(path)
+    if got is None:
+        t0 = time.time()
+        got = heldout_bpc(r.ckpt, a.eval_rows, a.eval_seq, a.eval_windows, device=a.device)
+        got["wall_s"] = round(time.time() - t0, 2)
+        write_json(path, got)
+        print(f"bpc {r.name}: {got['bpc']:.3f} on {got['chars']} held-out chars", flush=True)
+    return got
+
+
+def transfer_argv(r, task, a, full_baseline):
+    limit = a.sst2_limit if task == "sst2" else a.imdb_limit
+    tag = f"{task}-l{limit}" if limit else task
+    argv = ["transfer.py", "--checkpoint", rel(r.ckpt), "--task", task,
+            "--data-dir", a.sst2_dir if task == "sst2" else a.imdb_dir, "--device", a.device,
+            "--out", rel(os.path.join(r.dir, "transfer-" + tag)), "--json", rel(os.path.join(r.dir, tag + ".json"))]
+    if limit:
+        argv += ["--limit", limit]
+    if not full_baseline:
+        argv += ["--bow-vocab", 1]
+    return tag, argv
+
+
+def transfer_run(r, task, a):
+    """transfer.py on r's checkpoint, unless its JSON exists. -> (results dict or None, command)."""
+    limit = a.sst2_limit if task == "sst2" else a.imdb_limit
+    tag = f"{task}-l{limit}" if limit else task
+    base_path = os.path.join(a.out, f"baseline-{tag}.json")
+    result_path = os.path.join(r.dir, tag + ".json")
+    old = load_json(os.path.join(r.dir, tag + ".cmd.json"))
+    if old and os.path.isfile(result_path):
+        return load_json(result_path), old["command"]
+    full = not os.path.isfile(base_path)
+    tag, argv = transfer_argv(r, task, a, full)
+    print(f"transfer {r.name} {tag} ...", flush=True)
+    t0 = time.time()
+    with open(os.path.join(r.dir, tag + ".log"), "w") as log:
+        p = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=subprocess_env(a),
+                           stdout=log, stderr=subprocess.STDOUT)
+    wall = time.time() - t0
+    res = load_json(result_path)
+    if p.returncode != 0 or res is None:
+        with open(os.path.join(r.dir, tag + ".log"), errors="replace") as f:
+            tail = f.read().strip().splitlines()[-6:]
+        print(f"transfer {r.name} {tag}: failed (rc {p.returncode})\n  " + "\n  ".join(tail), file=sys.stderr)
+        return None, command(argv, a)
+    cmd = command(argv, a)
+    write_json(os.path.join(r.dir, tag + ".cmd.json"), dict(command=cmd, wall_s=round(wall, 2)))
+    if full:
+        write_json(base_path, dict(command=cmd, baseline=res["baseline"], bow_vocab=2000, run=r.name))
+    print(f"transfer {r.name} {tag}: test acc {res['test_acc']:.3f}, neuron {res['neuron_test_acc']:.3f} "
+          f"({wall:.0f}s)", flush=True)
+    return res, cmd
+
+
+def collect(r, a, status, heldout, transfers):
+    """One run's record for results.json: settings, status, curve, BPCs, transfer accuracies, commands."""
+    ev = read_metrics(os.path.join(r.dir, "metrics.jsonl"))
+    steps = [e for e in ev if "loss" in e]
+    speeds = [e["chars_per_s"] for e in steps[1:]] or [e["chars_per_s"] for e in steps]
+    rec = dict(name=r.name, hidden=r.hidden, batch=r.batch, seq_len=r.seq, chars=r.chars, iters=r.iters,
+               rule=r.rule, base_lr=r.lr, peak_lr=r.peak_lr(), dtype=r.dtype,
+               epochs=r.chars / a.train_bytes if a.train_bytes else None,
+               status=status.get("status"), diverged_step=status.get("diverged_step"), code=status.get("code"),
+               train_wall_s=status.get("wall_s"), chars_per_s=statistics.median(speeds) if speeds else None,
+               train_bpc=steps[-1]["bpc"] if steps else None,
+               train_val_bpc=next((e["val_bpc"] for e in reversed(ev) if "val_bpc" in e), None),
+               train_test_bpc=next((e["test_bpc"] for e in reversed(ev) if "test_bpc" in e), None),
+               heldout_bpc=heldout and heldout["bpc"], heldout_chars=heldout and heldout["chars"],
+               params=heldout and heldout["params"],
+               curve=[[e["step"], e["bpc"], e["lr"]] for e in steps],
+               commands={"train": command(r.argv, a)})
+    if heldout:
+        rec["commands"]["bpc"] = command(r.bpc_argv, a)
+    rec["transfer"] = {}
+    for tag, (res, cmd) in transfers.items():
+        rec["commands"][tag] = cmd
+        if res:
+            rec["transfer"][tag] = {k: res[k] for k in ("test_acc", "val_acc", "neuron", "neuron_test_acc", "C",
+                                                          "nonzero", "featurize")}
+    return rec
+
+
+# ---------------------------------------------------------------- tables and the plot
+
+
+def f3(x):
+    return "–" if x is None else f"{x:.3f}"
+
+
+def pct(x):
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def bpc_cell(rec, key="heldout_bpc"):
+    if rec["status"] == "div":
+        return f"**Div** (step {rec['diverged_step']})"
+    if rec["status"] != "ok":
+        return "failed"
+    return f3(rec[key])
+
+
+def acc_cell(rec, tag):
+    t = rec["transfer"].get(tag)
+    if rec["status"] == "div":
+        return "Div"
+    return "–" if not t else f"{pct(t['test_acc'])} / {pct(t['neuron_test_acc'])}"
+
+
+def cmd_cell(rec, keys=None):
+    """The commands behind a row: all of them, or those of `keys` (e.g. train and bpc only)."""
+    return "<br>".join(f"`{c}`" for k, c in rec["commands"].items() if keys is None or k in keys)
+
+
+def task_tags(a, tasks):
+    return [f"{t}-l{a.sst2_limit if t == 'sst2' else a.imdb_limit}" if (a.sst2_limit if t == "sst2"
+            else a.imdb_limit) else t for t in tasks]
+
+
+def tag_title(tag):
+    task, _, limit = tag.partition("-l")
+    return {"sst2": "SST-2", "imdb": "IMDB"}[task] + (f" (≤{limit}/split)" if limit else "")
+
+
+def baselines_md(a, tags):
+    lines = []
+    for tag in tags:
+        b = load_json(os.path.join(a.out, f"baseline-{tag}.json"))
+        if b:
+            lines.append(f"- {tag_title(tag)} bag-of-words baseline (transfer.py's, {b['bow_vocab']} words + L1, "
+                         f"same splits): test {pct(b['baseline']['test_acc'])}%, from `{b['command']}`")
+    return lines
+
+
+def code_note(runs):
+    """A warning line when the runs of one table were trained by different versions of the code."""
+    versions = {json.dumps(x["code"], sort_keys=True) for x in runs}
+    if len(versions) < 2:
+        return []
+    return [f"Note: these runs were trained by {len(versions)} versions of the code (files edited during the "
+            f"sweep; sha1 prefixes per run in results.json `code`, none: not recorded)."]
+
+
+def tables(a, exps, recs, meta):
+    what = "IMDB's unlabelled + training reviews (never its test reviews), " if "aclImdb" in a.data else ""
+    md = [f"# Experiments ({a.scale} scale)", "",
+          f"Corpus: {what}`{a.data}`, prepared into "
+          f"`{meta['corpus']}`: train {meta['train_bytes'] / 1e6:.1f} MB, held-out test split "
+          f"{meta['test_bytes'] / 1e6:.2f} MB. Device {a.device}, {a.threads or 'default'} thread(s), "
+          f"torch {meta['torch']}. Held-out BPC: `experiments.py --bpc` (fp32 weights, test split, "
+          f"{a.eval_rows} streams x {a.eval_windows} windows x {a.eval_seq} bytes, the same text for every run). "
+          f"Transfer: `transfer.py`, test accuracy in % of the L1 logistic regression on all cell units / of "
+          f"the single sentiment neuron. Chance is 50%.", ""]
+    if "size" in exps:
+        runs = [recs[r.name] for r in exps["size"]]
+        tags = task_tags(a, a.size_tasks)
+        md += ["## 1. Model size", "",
+               f"Same budget for every size: {mchars(a.chars)} characters "
+               f"({a.chars / meta['train_bytes']:.3f} epochs), batch {a.size_batch} x {a.seq_len}, "
+               f"lr {rule_label(*rules_list(a.size_lr)[0])}, {a.train_dtype}.", "",
+               "| hidden | params | steps | train BPC (last log) | held-out BPC | "
+               + " | ".join(f"{tag_title(t)} all / neuron" for t in tags) + " | wall s | commands |",
+               "|---:|---:|---:|---:|---:|" + "---:|" * len(tags) + "---:|---|"]
+        for x in runs:
+            md.append(f"| {x['hidden']} | {(x['params'] or 0) / 1e6:.3f}M | {x['iters']} | {bpc_cell(x, 'train_bpc')} "
+                      f"| {bpc_cell(x)} | " + " | ".join(acc_cell(x, t) for t in tags)
+                      + f" | {x['train_wall_s'] or 0:.0f} | {cmd_cell(x)} |")
+        md += [""] + baselines_md(a, tags) + code_note(runs) + [""]
+    if "lr" in exps:
+        runs = [recs[r.name] for r in exps["lr"]]
+        tags = task_tags(a, a.lr_tasks)
+        md += ["## 2. Learning-rate rules at growing batch", "",
+               f"Hidden {a.lr_hidden}, sequence {a.seq_len}, the same {mchars(a.lr_chars)} characters "
+               f"({a.lr_chars / meta['train_bytes']:.3f} epochs) at every batch, {a.train_dtype}, linear decay to "
+               f"0, no warmup, clip 1. The base lr is the rate at batch 128 (train.py `--lr`), scaled by "
+               f"`--lr-rule`. Cells: held-out BPC"
+               + (f" / {tag_title(tags[0])} accuracy all units" if tags else "")
+               + "; **Div**: train.py stopped the run as diverged. Commands in the detail table below.", "",
+               "| rule | " + " | ".join(f"batch {b}" for b in a.batches) + " |",
+               "|---|" + "---:|" * len(a.batches)]
+        for rule, lr in a.rules:
+            cells = []
+            for b in a.batches:
+                x = next(x for x in runs if x["batch"] == b and x["rule"] == rule and x["base_lr"] == lr)
+                c = bpc_cell(x)
+                if x["status"] == "ok" and tags and x["transfer"].get(tags[0]):
+                    c += f" / {pct(x['transfer'][tags[0]]['test_acc'])}"
+                cells.append(c)
+            md.append(f"| {rule_label(rule, lr)} | " + " | ".join(cells) + " |")
+        md += ["", "| batch | rule | peak lr | steps | train BPC (last log) | held-out BPC | "
+               + " | ".join(f"{tag_title(t)} all / neuron" for t in tags) + " | wall s | commands |",
+               "|---:|---|---:|---:|---:|---:|" + "---:|" * len(tags) + "---:|---|"]
+        for x in sorted(runs, key=lambda x: (x["batch"], a.rules.index((x["rule"], x["base_lr"])))):
+            md.append(f"| {x['batch']} | {rule_label(x['rule'], x['base_lr'])} | {x['peak_lr']:.3g} | {x['iters']} | "
+                      f"{bpc_cell(x, 'train_bpc')} | {bpc_cell(x)} | " + " | ".join(acc_cell(x, t) for t in tags)
+                      + f" | {x['train_wall_s'] or 0:.0f} | {cmd_cell(x)} |")
+        md += [""] + baselines_md(a, tags) + code_note(runs) + ["", meta.get("plot_note", ""), ""]
+    if "precision" in exps:
+        runs = [recs[r.name] for r in exps["precision"]]
+        md += ["## 3. Precision", "",
+               f"Hidden {a.precision_hidden}, batch {a.size_batch} x {a.seq_len}, {mchars(a.chars)} characters, "
+               f"lr {rule_label(*rules_list(a.size_lr)[0])}; fp16/bf16: half-precision compute with fp32 master "
+               f"weights (fp16.py), fp16 with dynamic loss scaling. Wall: the train.py process, start to end; "
+               f"chars/s: median over the log intervals.", "",
+               "| dtype | steps | train BPC (last log) | held-out BPC | wall s | chars/s | commands |",
+               "|---|---:|---:|---:|---:|---:|---|"]
+        for x in runs:
+            md.append(f"| {x['dtype']} | {x['iters']} | {bpc_cell(x, 'train_bpc')} | {bpc_cell(x)} | "
+                      f"{x['train_wall_s'] or 0:.0f} | {(x['chars_per_s'] or 0):,.0f} | {cmd_cell(x, ('train', 'bpc'))} |")
+        md += [""] + code_note(runs) + [""]
+    return "\n".join(md) + "\n"
+
+
+def plot_lr(a, exps, recs, path):
+    """lr_rules.png: training BPC against characters seen, one panel per batch, one line per rule."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "(lr_rules.png skipped: matplotlib is not installed; `pip install matplotlib` to draw it)"
+    fig, axes = plt.subplots(1, len(a.batches), figsize=(4.2 * len(a.batches), 3.6), sharey=True, squeeze=False)
+    top = 0.0
+    for ax, b in zip(axes[0], a.batches):
+        for rule, lr in a.rules:
+            x = next(recs[r.name] for r in exps["lr"] if r.batch == b and r.rule == rule and r.lr == lr)
+            c = x["curve"]
+            label = rule_label(rule, lr) + (" (Div)" if x["status"] == "div" else "")
+            if c:
+                xs, ys = [s * b * a.seq_len / 1e6 for s, _, _ in c], [y for _, y, _ in c]
+                (line,) = ax.plot(xs, ys, label=label)
+                top = max(top, max(ys[1:] or ys))
+                if x["status"] == "div":
+                    ax.plot(xs[-1], ys[-1], "x", color=line.get_color(), markersize=10, mew=2)
+            else:
+                ax.plot([], [], label=label)
+        ax.set_title(f"batch {b}")
+        ax.set_xlabel("characters seen (M)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("training BPC (log-interval mean)")
+    axes[0][0].set_ylim(top=min(top * 1.05, 8.5) if top else None)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"Learning-rate rules, hidden {a.lr_hidden}, {mchars(a.lr_chars)} characters per run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"![loss curves]({os.path.basename(path)}) (`{path}`: training BPC per log interval; x: a diverged run)"
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Puri et al. 2018's size / lr-rule / precision study (docstring).",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=list(SCALES), default="cpu", help="preset for the flags not given")
+    p.add_argument("--only", default="size,lr,precision", help="experiments to run: size,lr,precision")
+    p.add_argument("--out", default="out/experiments", help="runs, results.md, results.json, lr_rules.png")
+    p.add_argument("--data", default="../shared/data/imdb/aclImdb_v1.tar.xz", help="train.py --data")
+    p.add_argument("--cache-dir", help="train.py --cache-dir (default OUT/prepared)")
+    p.add_argument("--sst2-dir", default="../shared/data/sst2")
+    p.add_argument("--imdb-dir", default="../shared/data/imdb")
+    p.add_argument("--hidden-sizes", help="size: hidden sizes, comma-separated")
+    p.add_argument("--size-batch", type=int, help="size and precision: global batch")
+    p.add_argument("--seq-len", type=int, help="all runs: truncated-BPTT window")
+    p.add_argument("--chars", type=float, help="size and precision: training characters per run")
+    p.add_argument("--size-lr", help="size and precision: RULE:LR")
+    p.add_argument("--size-tasks", default="sst2,imdb", help="size: transfer tasks (sst2,imdb or empty)")
+    p.add_argument("--lr-hidden", type=int, help="lr: hidden size")
+    p.add_argument("--batches", help="lr: global batches, comma-separated")
+    p.add_argument("--lr-chars", type=float, help="lr: training characters per run (the same epochs)")
+    p.add_argument("--rules", help="lr: RULE:BASE_LR items, RULE in none|linear|sqrt")
+    p.add_argument("--lr-tasks", default="sst2", help="lr: transfer tasks")
+    p.add_argument("--dtypes", help="precision: dtypes compared")
+    p.add_argument("--precision-hidden", type=int, help="precision: hidden size")
+    p.add_argument("--train-dtype", help="size and lr: training dtype")
+    p.add_argument("--sst2-limit", type=int, help="transfer.py --limit for SST-2 (0: all)")
+    p.add_argument("--imdb-limit", type=int, help="transfer.py --limit for IMDB (0: all)")
+    p.add_argument("--device", help="train.py / transfer.py --device")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of every run (0: leave as is)")
+    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun) for the GPU scale")
+    p.add_argument("--seed", type=int, default=1, help="train.py --seed")
+    p.add_argument("--points", type=int, default=60, help="log events per run (the curves' resolution)")
+    p.add_argument("--eval-rows", type=int)
+    p.add_argument("--eval-seq", type=int)
+    p.add_argument("--eval-windows", type=int)
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
+    p.add_argument("--bpc", metavar="CKPT", help="only print the held-out BPC of this checkpoint (JSON)")
+    a = p.parse_args(argv)
+    for k, v in SCALES[a.scale].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.only = csv_list(a.only)
+    bad = set(a.only) - {"size", "lr", "precision"}
+    if bad:
+        p.error(f"--only: unknown experiment(s) {sorted(bad)} (size, lr, precision)")
+    a.hidden_sizes, a.batches = csv_list(a.hidden_sizes, int), csv_list(a.batches, int)
+    a.rules, a.dtypes = rules_list(a.rules), csv_list(a.dtypes)
+    a.size_tasks, a.lr_tasks = csv_list(a.size_tasks), csv_list(a.lr_tasks)
+    for t in a.size_tasks + a.lr_tasks:
+        if t not in ("sst2", "imdb"):
+            p.error(f"unknown transfer task {t!r} (sst2, imdb)")
+    a.out = rel(a.out)
+    a.cache_dir = rel(a.cache_dir or os.path.join(a.out, "prepared"))
+    a.data, a.sst2_dir, a.imdb_dir = rel(a.data), rel(a.sst2_dir), rel(a.imdb_dir)
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    os.chdir(ROOT)  # paths (ours and the checkpoints' configs) are relative to the repo root
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+    if a.bpc:
+        print(json.dumps(heldout_bpc(a.bpc, a.eval_rows, a.eval_seq, a.eval_windows, device=a.device)))
+        return None
+    runs, exps = plan(a)
+    t_start = time.time()
+    import data
+    import torch
+    corpus = data.resolve(a.data, a.cache_dir)  # train.py's defaults: the folder each run finds in the cache
+    corpus_meta = load_json(os.path.join(corpus, "meta.json"))
+    a.train_bytes = corpus_meta["bytes"]["train"]
+    meta = dict(corpus=rel(corpus), train_bytes=a.train_bytes, test_bytes=corpus_meta["bytes"]["test"],
+                torch=torch.__version__)
+    if a.dry_run:
+        for exp, rs in exps.items():
+            print(f"# {exp}")
+            for r in rs:
+                print(command(r.argv, a))
+        return None
+    os.makedirs(a.out, exist_ok=True)
+    status = {name: train_run(r, a) for name, r in runs.items()}  # all training first, then evaluation
+    recs = {}
+    for name, r in runs.items():
+        ok = status[name]["status"] == "ok"
+        heldout = eval_run(r, a) if ok else None
+        transfers = {}
+        for task in r.tasks if ok else []:
+            tag = task_tags(a, [task])[0]
+            transfers[tag] = transfer_run(r, task, a)
+        recs[name] = collect(r, a, status[name], heldout, transfers)
+    if "lr" in exps:
+        meta["plot_note"] = plot_lr(a, exps, recs, os.path.join(a.out, "lr_rules.png"))
+    wall = time.time() - t_start
+    # the compute behind the tables, summed from the runs' records (also right after a resumed sweep)
+    compute = sum(s.get("wall_s", 0) for s in status.values())
+    for r in runs.values():
+        compute += (load_json(os.path.join(r.dir, "heldout.json")) or {}).get("wall_s", 0)
+        for tag in task_tags(a, r.tasks):
+            compute += (load_json(os.path.join(r.dir, tag + ".cmd.json")) or {}).get("wall_s", 0)
+    meta.update(invocation_wall_s=round(wall, 1), compute_wall_s=round(compute, 1))
+    md = tables(a, exps, recs, meta)
+    md += (f"\nSweep: {len(runs)} training runs; compute {compute / 60:.1f} min (train + held-out BPC + transfer, "
+           f"summed over the runs), this invocation {wall / 60:.1f} min. Command: "
+           f"`{command(['experiments.py', *(argv if argv is not None else sys.argv[1:])], a)}`\n")
+    with open(os.path.join(a.out, "results.md"), "w") as f:
+        f.write(md)
+    write_json(os.path.join(a.out, "results.json"),
+               dict(meta=meta, args={k: v for k, v in vars(a).items()},
+                    experiments={e: [r.name for r in rs] for e, rs in exps.items()}, runs=recs))
+    print(f"wrote {a.out}/results.md, results.json" + (", lr_rules.png" if "lr" in exps and
+          os.path.isfile(os.path.join(a.out, "lr_rules.png")) else "") + f" ({wall / 60:.1f} min)")
+    return dict(meta=meta, runs=recs, experiments=exps, markdown=md)
+
+
+if __name__ == "__main__":
+    main()

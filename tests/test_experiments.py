@@ -1,0 +1,88 @@
+"""experiments.py on a tiny fixture corpus: a real sweep (hidden 8, a few steps) collected into tables, a run
+forced to diverge reported as 'Div', and a second invocation that runs nothing (resumable)."""
+import json
+import random
+import subprocess
+
+import pytest
+
+import experiments
+
+
+def write_fixtures(root):
+    rng = random.Random(0)
+    words = "the movie was good bad great awful plot actor scene fun boring and but very not".split()
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 30)))
+                                for _ in range(1500)) + "\n")
+    sst2 = root / "sst2"
+    sst2.mkdir()
+    for split, n in (("train", 40), ("dev", 12), ("test", 12)):
+        rows = ["label,sentence"] + [f"{k % 2},{'a good great fun film' if k % 2 else 'a bad awful boring film'} {k}"
+                                     for k in range(n)]
+        (sst2 / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return corpus, sst2
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp")
+    corpus, sst2 = write_fixtures(root)
+    argv = ["--only", "size,lr", "--out", str(root / "out"), "--data", str(corpus), "--sst2-dir", str(sst2),
+            "--hidden-sizes", "8", "--size-batch", "4", "--seq-len", "16", "--chars", "640", "--size-lr", "none:2e-3",
+            "--size-tasks", "sst2", "--lr-hidden", "8", "--batches", "4", "--lr-chars", "640",
+            "--rules", "none:2e-3,none:1e6", "--lr-tasks", "sst2", "--sst2-limit", "0", "--device", "cpu",
+            "--threads", "1", "--eval-rows", "2", "--eval-seq", "16", "--eval-windows", "4", "--points", "5"]
+    first = experiments.main(argv)
+    return root, argv, first
+
+
+def test_tiny_sweep_is_collected_into_tables(sweep):
+    root, _, res = sweep
+    names = [r.name for r in res["experiments"]["size"]]
+    assert len(names) == 1, f"size runs: {names}"
+    ok = res["runs"][names[0]]
+    assert ok["status"] == "ok", f"status {ok['status']}: {ok}"
+    assert ok["iters"] == 10 and ok["curve"] and ok["curve"][-1][0] == 10, f"iters {ok['iters']}, curve {ok['curve']}"
+    assert 0 < ok["heldout_bpc"] < 9 and ok["heldout_chars"] == 2 * 4 * 16, \
+        f"held-out {ok['heldout_bpc']} on {ok['heldout_chars']} chars"
+    assert ok["train_test_bpc"] is not None, f"train.py's test_bpc missing: {ok}"
+    t = ok["transfer"].get("sst2")
+    assert t and 0 <= t["test_acc"] <= 1 and 0 <= t["neuron_test_acc"] <= 1, f"transfer: {ok['transfer']}"
+    # the size run is the lr experiment's none:2e-3 run: shared, not trained twice
+    assert names[0] in [r.name for r in res["experiments"]["lr"]], f"lr runs: {res['experiments']['lr']}"
+    md = (root / "out" / "results.md").read_text()
+    for want in ("## 1. Model size", "## 2. Learning-rate rules", "train.py --data", "--hidden 8",
+                 "experiments.py --bpc", "transfer.py --checkpoint", "| 8 | ", "bag-of-words baseline"):
+        assert want in md, f"{want!r} not in results.md:\n{md}"
+    saved = json.loads((root / "out" / "results.json").read_text())
+    assert set(saved["runs"]) == set(res["runs"]), f"results.json runs: {list(saved['runs'])}"
+    try:
+        import matplotlib  # noqa: F401
+        assert (root / "out" / "lr_rules.png").stat().st_size > 0
+    except ImportError:
+        assert "matplotlib is not installed" in md, f"no PNG and no message:\n{md}"
+
+
+def test_diverging_run_is_reported_as_div(sweep):
+    root, _, res = sweep
+    div = [x for x in res["runs"].values() if x["base_lr"] == 1e6]
+    assert len(div) == 1 and div[0]["status"] == "div", f"lr 1e6 runs: {[(x['name'], x['status']) for x in div]}"
+    assert div[0]["diverged_step"] and div[0]["heldout_bpc"] is None and not div[0]["transfer"], f"{div[0]}"
+    md = (root / "out" / "results.md").read_text()
+    assert "**Div** (step" in md and "fixed 1e+06" in md, f"no Div cell in results.md:\n{md}"
+
+
+def test_second_invocation_skips_finished_runs(sweep, monkeypatch):
+    root, argv, first = sweep
+
+    def refuse(*a, **k):
+        raise AssertionError(f"a finished run was started again: {a}")
+
+    monkeypatch.setattr(subprocess, "run", refuse)
+    monkeypatch.setattr(experiments, "heldout_bpc", refuse)
+    second = experiments.main(argv)
+    for name, rec in first["runs"].items():
+        got = second["runs"][name]
+        for key in ("status", "heldout_bpc", "train_bpc", "transfer", "commands"):
+            assert got[key] == rec[key], f"{name} {key}: first {rec[key]}, second {got[key]}"
