@@ -27,8 +27,7 @@ windows of --eval-seq bytes, state carried: the same text for every run (train.p
 batch-size rows, so it differs with the batch; it is kept in results.json).
 Transfer: transfer.py on SST-2 (--sst2-dir) and IMDB (--imdb-dir; --imdb-limit texts per split). Its
 bag-of-words baseline does not depend on the checkpoint and costs more than the rest of the transfer on CPU:
-it is computed once per task (the first transfer) and the other transfers pass --bow-vocab 1 (their
-baseline numbers are unused).
+it is computed once per task (the first transfer) and the other transfers skip it (--bow-vocab 0).
 """
 import argparse
 import hashlib
@@ -276,7 +275,7 @@ def transfer_argv(r, task, a, full_baseline):
     if limit:
         argv += ["--limit", limit]
     if not full_baseline:
-        argv += ["--bow-vocab", 1]
+        argv += ["--bow-vocab", 0]
     return tag, argv
 
 

@@ -446,24 +446,25 @@ def run(a, log=print):
     thr, neuron_train = threshold_fit(Ztr[:, unit], y["train"], sign)
     neuron_acc = {s: float(((sign * Z[:, unit] > thr) == (y[s] == 1)).mean())
                   for s, Z in (("val", Zva), ("test", Zte))}
-    t1 = time.time()
-    bows = standardize(*bag_of_words(*(splits[s][0] for s in ("train", "val", "test")), vocab=a.bow_vocab))
-    rb = fit_select(bows[0], y["train"], bows[1], y["val"], a.penalty, device=a.device)
-    base = dict(C=rb["C"], nonzero=rb["nonzero"], train_acc=accuracy(bows[0], y["train"], rb["w"], rb["b"]),
-                val_acc=rb["val_acc"], test_acc=accuracy(bows[2], y["test"], rb["w"], rb["b"]),
-                seconds=round(time.time() - t1, 2))
+    t1, base = time.time(), None
+    if a.bow_vocab:  # the baseline does not depend on the checkpoint: --bow-vocab 0 skips it (a sweep fits it once)
+        bows = standardize(*bag_of_words(*(splits[s][0] for s in ("train", "val", "test")), vocab=a.bow_vocab))
+        rb = fit_select(bows[0], y["train"], bows[1], y["val"], a.penalty, device=a.device)
+        base = dict(C=rb["C"], nonzero=rb["nonzero"], train_acc=accuracy(bows[0], y["train"], rb["w"], rb["b"]),
+                    val_acc=rb["val_acc"], test_acc=accuracy(bows[2], y["test"], rb["w"], rb["b"]),
+                    seconds=round(time.time() - t1, 2))
     main = fits[a.penalty]
     res = dict(task=a.task or "files", checkpoint=os.path.abspath(a.checkpoint), hidden=model.hidden,
                feature=a.feature, penalty=a.penalty, device=a.device, dtype=a.dtype,
                test_acc=main["test_acc"], val_acc=main["val_acc"], train_acc=main["train_acc"], C=main["C"],
                nonzero=main["nonzero"], neuron=unit, neuron_sign=int(sign), neuron_threshold=thr,
                neuron_train_acc=neuron_train, neuron_val_acc=neuron_acc["val"], neuron_test_acc=neuron_acc["test"],
-               baseline_test_acc=base["test_acc"], baseline=base, fits=fits, featurize=stats,
+               baseline_test_acc=base["test_acc"] if base else None, baseline=base, fits=fits, featurize=stats,
                solver_seconds=round(time.time() - t0, 2))
     rows = [(f"mLSTM {a.feature} + L1", fits["l1"]), (f"mLSTM {a.feature} + L2", fits["l2"]),
             (f"neuron {unit} ({'+' if sign > 0 else '-'}) alone",
-             dict(C=float("nan"), nonzero=1, train_acc=neuron_train, **{k + "_acc": v for k, v in neuron_acc.items()})),
-            (f"bag of {a.bow_vocab} words + {a.penalty.upper()}", base)]
+             dict(C=float("nan"), nonzero=1, train_acc=neuron_train, **{k + "_acc": v for k, v in neuron_acc.items()}))]
+    rows += [(f"bag of {a.bow_vocab} words + {a.penalty.upper()}", base)] if base else []
     log(f"\n{'classifier':<30}{'C':>10}{'nonzero':>9}{'train':>8}{'val':>8}{'test':>8}")
     for name, r in rows:
         log(f"{name:<30}{r['C']:>10.4g}{r['nonzero']:>9}{r['train_acc']:>8.4f}{r['val_acc']:>8.4f}{r['test_acc']:>8.4f}")
@@ -512,7 +513,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, help="use at most N texts per split (a seeded subset)")
     p.add_argument("--feature", choices=FEATURES, default="cell", help="cell state after the last byte (paper)")
     p.add_argument("--penalty", choices=("l1", "l2"), default="l1", help="the reported classifier (both are fitted)")
-    p.add_argument("--bow-vocab", type=int, default=2000, help="words of the bag-of-words baseline")
+    p.add_argument("--bow-vocab", type=int, default=2000, help="words of the bag-of-words baseline (0: skip the baseline)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: the checkpoint's dtype on cuda, fp32 on cpu")
     p.add_argument("--batch-size", type=int, default=64, help="texts per featurisation batch")
@@ -529,9 +530,11 @@ def parse_args(argv=None):
         p.error(f"--task {a.task} needs --data-dir")
     if not a.task and not (a.train and a.test):
         p.error("give --task sst2|imdb --data-dir DIR, or --train FILE --test FILE [--val FILE]")
-    for name in ("limit", "batch_size", "chunk", "bow_vocab"):
+    for name in ("limit", "batch_size", "chunk"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.bow_vocab < 0:
+        p.error("--bow-vocab must be >= 0 (0: no baseline)")
     if not 0 < a.val_frac < 1:
         p.error("--val-frac must be in (0, 1)")
     if a.device.startswith("cuda") and not torch.cuda.is_available():

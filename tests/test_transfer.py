@@ -181,3 +181,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     again = transfer.run(transfer.parse_args(argv), log=lambda *a: None)
     assert all(again["featurize"][s]["cached"] for s in ("train", "val", "test"))
     assert again["test_acc"] == res["test_acc"]
+    lines = []
+    skip = transfer.run(transfer.parse_args(argv[:-1] + ["0"]), log=lines.append)  # --bow-vocab 0: no baseline
+    assert skip["baseline"] is None and skip["baseline_test_acc"] is None and skip["test_acc"] == res["test_acc"]
+    assert not any("bag of" in line for line in lines), lines
