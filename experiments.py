@@ -32,7 +32,6 @@ it is computed once per task (the first transfer) and the other transfers skip i
 import argparse
 import hashlib
 import json
-import math
 import os
 import re
 import shlex
@@ -41,6 +40,10 @@ import statistics
 import subprocess
 import sys
 import time
+
+import data
+import mlstm
+import train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -139,10 +142,6 @@ def read_metrics(path):
 def heldout_bpc(checkpoint, rows=16, seq=256, windows=32, split="test", device="cpu"):
     """BPC of a train.py checkpoint (fp32) on `rows` streams x `windows` windows of `seq` bytes of its corpus'
     `split`, state carried (train.evaluate). Fewer rows when the split is small. -> dict(bpc, chars, ...)."""
-    import data
-    import mlstm
-    import train
-
     model, cfg = mlstm.load_pretrained(checkpoint, device)
     corpus = data.resolve(cfg["data"], cfg["cache_dir"], cfg["text_field"], cfg["val_frac"], cfg["test_frac"],
                           log=lambda *_: None)
@@ -184,8 +183,7 @@ class Run:
         self.tasks = []  # transfer tasks wanted by the experiments using this run
 
     def peak_lr(self):
-        return {"none": self.lr, "linear": self.lr * self.batch / 128,
-                "sqrt": self.lr * math.sqrt(self.batch / 128)}[self.rule]
+        return train.scaled_lr(self.lr, self.rule, self.batch)
 
 
 def plan(a):
@@ -223,6 +221,17 @@ def subprocess_env(a):
     return env
 
 
+def run_logged(argv, log_path, a):
+    """python ARGV in the repo root, its output to log_path. -> (exit code, wall seconds, the output)."""
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        p = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=subprocess_env(a),
+                           stdout=log, stderr=subprocess.STDOUT)
+    wall = time.time() - t0
+    with open(log_path, errors="replace") as f:
+        return p.returncode, wall, f.read()
+
+
 def train_run(r, a):
     """Train r unless its run.json says it finished (ok or diverged). -> run.json's dict."""
     done = os.path.join(r.dir, "run.json")
@@ -233,16 +242,10 @@ def train_run(r, a):
     os.makedirs(r.dir)
     print(f"train {r.name}: {r.iters} steps ...", flush=True)
     code = code_version()
-    t0 = time.time()
-    with open(os.path.join(r.dir, "train.log"), "w") as log:
-        p = subprocess.run([sys.executable, *map(str, r.argv)], cwd=ROOT, env=subprocess_env(a),
-                           stdout=log, stderr=subprocess.STDOUT)
-    wall = time.time() - t0
-    with open(os.path.join(r.dir, "train.log"), errors="replace") as f:
-        text = f.read()
+    rc, wall, text = run_logged(r.argv, os.path.join(r.dir, "train.log"), a)
     div = re.search(r"error: training diverged at step (\d+) \(loss ([^,]+),", text)
-    res = dict(argv=[str(x) for x in r.argv], rc=p.returncode, wall_s=round(wall, 2),
-               status="ok" if p.returncode == 0 else "div" if div else "failed", code=code)
+    res = dict(argv=[str(x) for x in r.argv], rc=rc, wall_s=round(wall, 2),
+               status="ok" if rc == 0 else "div" if div else "failed", code=code)
     if div:
         res.update(diverged_step=int(div.group(1)), diverged_loss=div.group(2))
     print(f"train {r.name}: {res['status']} in {wall:.0f}s" + (f" (diverged at step {div.group(1)})" if div else ""),
@@ -266,9 +269,14 @@ def eval_run(r, a):
     return got
 
 
-def transfer_argv(r, task, a, full_baseline):
+def task_tag(a, task):
+    """sst2, imdb, or with a --limit e.g. imdb-l1000: names a run's transfer results."""
     limit = a.sst2_limit if task == "sst2" else a.imdb_limit
-    tag = f"{task}-l{limit}" if limit else task
+    return f"{task}-l{limit}" if limit else task
+
+
+def transfer_argv(r, task, a, full_baseline):
+    limit, tag = a.sst2_limit if task == "sst2" else a.imdb_limit, task_tag(a, task)
     argv = ["transfer.py", "--checkpoint", rel(r.ckpt), "--task", task,
             "--data-dir", a.sst2_dir if task == "sst2" else a.imdb_dir, "--device", a.device,
             "--out", rel(os.path.join(r.dir, "transfer-" + tag)), "--json", rel(os.path.join(r.dir, tag + ".json"))]
@@ -276,31 +284,25 @@ def transfer_argv(r, task, a, full_baseline):
         argv += ["--limit", limit]
     if not full_baseline:
         argv += ["--bow-vocab", 0]
-    return tag, argv
+    return argv
 
 
 def transfer_run(r, task, a):
     """transfer.py on r's checkpoint, unless its JSON exists. -> (results dict or None, command)."""
-    limit = a.sst2_limit if task == "sst2" else a.imdb_limit
-    tag = f"{task}-l{limit}" if limit else task
+    tag = task_tag(a, task)
     base_path = os.path.join(a.out, f"baseline-{tag}.json")
     result_path = os.path.join(r.dir, tag + ".json")
     old = load_json(os.path.join(r.dir, tag + ".cmd.json"))
     if old and os.path.isfile(result_path):
         return load_json(result_path), old["command"]
     full = not os.path.isfile(base_path)
-    tag, argv = transfer_argv(r, task, a, full)
+    argv = transfer_argv(r, task, a, full)
     print(f"transfer {r.name} {tag} ...", flush=True)
-    t0 = time.time()
-    with open(os.path.join(r.dir, tag + ".log"), "w") as log:
-        p = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=subprocess_env(a),
-                           stdout=log, stderr=subprocess.STDOUT)
-    wall = time.time() - t0
+    rc, wall, text = run_logged(argv, os.path.join(r.dir, tag + ".log"), a)
     res = load_json(result_path)
-    if p.returncode != 0 or res is None:
-        with open(os.path.join(r.dir, tag + ".log"), errors="replace") as f:
-            tail = f.read().strip().splitlines()[-6:]
-        print(f"transfer {r.name} {tag}: failed (rc {p.returncode})\n  " + "\n  ".join(tail), file=sys.stderr)
+    if rc != 0 or res is None:
+        tail = text.strip().splitlines()[-6:]
+        print(f"transfer {r.name} {tag}: failed (rc {rc})\n  " + "\n  ".join(tail), file=sys.stderr)
         return None, command(argv, a)
     cmd = command(argv, a)
     write_json(os.path.join(r.dir, tag + ".cmd.json"), dict(command=cmd, wall_s=round(wall, 2)))
@@ -371,8 +373,7 @@ def cmd_cell(rec, keys=None):
 
 
 def task_tags(a, tasks):
-    return [f"{t}-l{a.sst2_limit if t == 'sst2' else a.imdb_limit}" if (a.sst2_limit if t == "sst2"
-            else a.imdb_limit) else t for t in tasks]
+    return [task_tag(a, t) for t in tasks]
 
 
 def tag_title(tag):

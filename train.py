@@ -15,6 +15,7 @@ gradient clipping, mixed precision (fp16.py) and data parallelism (distributed.p
 (the previous one kept as ckpt.prev.pt), loaded with torch.load(weights_only=True).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -99,11 +100,11 @@ def save_checkpoint(path, ckpt):
             rotated = True
         os.replace(tmp, path)
     except OSError as e:
-        for undo in ((lambda: os.replace(prev, path)) if rotated else None, lambda: os.remove(tmp)):
-            try:
-                undo and undo()
-            except OSError:
-                pass
+        with contextlib.suppress(OSError):  # put the good checkpoint back where it was
+            if rotated:
+                os.replace(prev, path)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
         raise SystemExit(f"error: cannot write the checkpoint {path} ({type(e).__name__}: {e}); the previous "
                          f"checkpoint, if any, is left as it was (resume with --resume once there is room)")
 
