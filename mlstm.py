@@ -12,6 +12,9 @@ Dimension legend: B batch rows, T timesteps, E embedding (64), H hidden units.
 
 Used by train.py (python train.py --hidden 4096 ...), transfer.py and generate.py; not run directly.
 """
+import os
+import zipfile
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -222,16 +225,27 @@ def model_config(cfg):
     return dict(hidden=cfg["hidden"], embed=cfg["embed"], weight_norm=not cfg["no_weight_norm"])
 
 
-def load_pretrained(path, device="cpu"):
-    """(model, config) from a train.py checkpoint; clear errors instead of deep tracebacks."""
-    import os
+def read_checkpoint(path, device="cpu"):
+    """torch.load(weights_only=True) of a file whose every zip entry passed its CRC-32 check.
 
+    torch.load does not check the CRC-32s of torch.save's zip entries: a flipped bit would load silently
+    as a different weight. weights_only: a checkpoint is data, never code to run."""
+    with zipfile.ZipFile(path) as z:
+        damaged = z.testzip()
+    if damaged:
+        raise ValueError(f"CRC-32 mismatch in {damaged}: the file is corrupted")
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def load_pretrained(path, device="cpu"):
+    """(model, config) from a train.py checkpoint or a released model (train.py --export); clear errors
+    instead of deep tracebacks. Weights stored in fp16 are loaded into the fp32 model."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = read_checkpoint(path, device)
         model = MLSTM(**model_config(ckpt["config"]))
         model.load_state_dict(ckpt["model"])
-    except Exception as e:  # a truncated file, a pickle with code in it, another model's weights
+    except Exception as e:  # a truncated or corrupted file, a pickle with code in it, another model's weights
         raise SystemExit(f"{path}: not a usable mLSTM checkpoint ({type(e).__name__}: {str(e)[:300]})")
     return model.to(device), ckpt["config"]

@@ -21,7 +21,6 @@ import math
 import os
 import sys
 import time
-import zipfile
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ import torch
 import data
 import distributed
 import fp16
-from mlstm import MLSTM, PRESETS, detach_state, loss_fn, model_config
+from mlstm import MLSTM, PRESETS, detach_state, loss_fn, model_config, read_checkpoint
 
 # Flags that steer one invocation but not the computation: they may change on --resume (a run folder may move).
 RUN_FLAGS = {"resume", "stop_at", "log_every", "eval_every", "eval_iters", "save_every", "sample_chars", "device",
@@ -112,7 +111,7 @@ def save_checkpoint(path, ckpt):
 def load_checkpoint(out, config, log, main=True):
     """The newest readable checkpoint in `out` (ckpt.pt, else ckpt.prev.pt), checked against config.
 
-    Every entry's CRC-32 is checked first: torch.load alone reads a flipped bit as a different weight.
+    Every entry's CRC-32 is checked first (mlstm.read_checkpoint): a flipped bit is not a different weight.
     An unreadable ckpt.pt is renamed ckpt.pt.corrupt (by the main process), so that the next save does not
     rotate it over the good ckpt.prev.pt. Checkpoints present but none usable: an error, not a fresh start."""
     bad = []
@@ -120,11 +119,7 @@ def load_checkpoint(out, config, log, main=True):
         if not os.path.exists(path):
             continue
         try:
-            with zipfile.ZipFile(path) as z:  # torch.load does not check the CRC-32s of torch.save's zip entries
-                damaged = z.testzip()
-            if damaged:
-                raise ValueError(f"CRC-32 mismatch in {damaged}: the file is corrupted")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = read_checkpoint(path)
             missing = {"model", "optimizer", "scaler", "step", "state", "rng", "config"} - set(ckpt)
             if missing or not isinstance(ckpt["config"], dict):
                 raise KeyError(f"not a train.py checkpoint: no {sorted(missing) or 'config dict'}")

@@ -252,6 +252,7 @@ def bad_checkpoints(tmp_path, good):
 
     put("truncated", lambda p: (p.write_bytes(open(good, "rb").read()), truncate(p)))
     put("garbage", lambda p: p.write_bytes(random.Random(0).randbytes(5000)))
+    put("bit_flip", lambda p: (p.write_bytes(open(good, "rb").read()), flip_a_byte(p)))
     put("empty", lambda p: p.write_bytes(b""))
     put("tensor", lambda p: torch.save(torch.zeros(3), p))
     put("runs_code", lambda p: torch.save({"config": RunsCode(str(tmp_path / "PWNED")), "model": {}}, p))
@@ -276,6 +277,8 @@ def test_bad_checkpoints_are_refused_by_every_loader_and_never_run_code(tmp_path
         assert f"{path}: not a usable mLSTM checkpoint" in str(e.value), (name, e.value)
         if name == "runs_code":
             assert "weights_only" in str(e.value) or "Unsupported global" in str(e.value), e.value
+        if name == "bit_flip":  # torch.load alone would read it as a different weight
+            assert "CRC-32 mismatch" in str(e.value), e.value
         with pytest.raises(SystemExit) as e:
             generate.main(["--checkpoint", path, "--device", "cpu", "--length", "3"])
         assert path in str(e.value), (name, e.value)
