@@ -9,6 +9,7 @@ gradient clipping, mixed precision (fp16.py) and data parallelism (distributed.p
     python train.py --data corpus.jsonl.gz --hidden 4096 --batch-size 128 --seq-len 256 --dtype fp16
     torchrun --standalone --nproc_per_node=8 train.py --data DIR --batch-size 1024 --lr-rule sqrt ...
     python train.py --out out/demo --resume                   # continue a run exactly where it stopped
+    python train.py --out out/demo --export demo.pt           # its weights in fp16 + config: a released model
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts=3 ... train.py ... --resume   # restart on failure
 
 --out DIR receives config.json, metrics.jsonl (one JSON object per log/eval event) and ckpt.pt
@@ -31,8 +32,8 @@ import fp16
 from mlstm import MLSTM, PRESETS, detach_state, loss_fn, model_config, read_checkpoint
 
 # Flags that steer one invocation but not the computation: they may change on --resume (a run folder may move).
-RUN_FLAGS = {"resume", "stop_at", "log_every", "eval_every", "eval_iters", "save_every", "sample_chars", "device",
-             "timeout", "out", "cache_dir"}
+RUN_FLAGS = {"resume", "export", "stop_at", "log_every", "eval_every", "eval_iters", "save_every", "sample_chars",
+             "device", "timeout", "out", "cache_dir"}
 # A mean loss above this (nats per byte; 10x a uniform guess over 256 bytes, 80 bits per byte) is divergence
 # even when finite: a too-high learning rate sends the loss to millions, not to inf.
 DIVERGED_LOSS = 10 * math.log(256)
@@ -150,6 +151,29 @@ def load_checkpoint(out, config, log, main=True):
         raise SystemExit(f"error: --resume: no usable checkpoint in {out} ({'; '.join(bad)}). Move them away "
                          f"to start afresh.")
     return None
+
+
+def export(out, path, log=print):
+    """A released model: --out's checkpoint's weights in fp16 with its config and step, nothing to resume with.
+
+    fp16 halves the file (the paper's models are stored so); the rounding costs ~1e-3 relative per weight."""
+    src = os.path.join(out, "ckpt.pt")
+    try:
+        ckpt = read_checkpoint(src)
+        weights = {k: v.half() for k, v in ckpt["model"].items()}
+        config, step = ckpt["config"], ckpt["step"]
+    except Exception as e:  # none yet, truncated, corrupted, a foreign file
+        raise SystemExit(f"error: --export: {src} is not a usable train.py checkpoint ({type(e).__name__}: "
+                         f"{str(e)[:200]})")
+    if not all(w.isfinite().all() for w in weights.values()):
+        raise SystemExit(f"error: --export: {src} has weights beyond fp16's range")
+    try:
+        torch.save({"model": weights, "config": config, "step": step}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise SystemExit(f"error: --export: cannot write {path} ({type(e).__name__}: {e})")
+    log(f"export: {src} (step {step}, hidden {config['hidden']}) -> {path}: fp16 weights, "
+        f"{os.path.getsize(path) / 2**20:.1f} MiB")
 
 
 def main(cfg):
@@ -312,6 +336,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1, help="seed of the initial weights and the sample")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint if there is one")
+    p.add_argument("--export", metavar="PATH", help="write --out's checkpoint as a released model (fp16 weights "
+                   "and config, for transfer.py and generate.py) to PATH and exit without training")
     p.add_argument("--log-every", type=int, default=20, help="steps between log lines")
     p.add_argument("--eval-every", type=int, default=200, help="steps between validation")
     p.add_argument("--eval-iters", type=int, default=50, help="validation windows per evaluation")
@@ -338,7 +364,11 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     try:
-        main(parse_args())
+        cfg = parse_args()
+        if cfg["export"]:
+            export(cfg["out"], cfg["export"])
+        else:
+            main(cfg)
     except RuntimeError as e:  # gloo/NCCL: a peer closed its connection (it died) or a collective timed out
         if not distributed.dist.is_initialized():
             raise

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+import mlstm
 import train
 
 
@@ -118,3 +119,25 @@ def test_fractional_epochs_end_the_run_with_its_final_log_and_test_bpc(tmp_path)
     assert steps and steps[-1] == len(steps), f"logged steps {steps}"
     assert any("test_bpc" in e for e in m), f"no final test bpc in {m[-3:]}"
     assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["step"] == steps[-1]
+
+
+def test_export_writes_fp16_weights_that_load_pretrained_reads(tmp_path, capsys):
+    run(tmp_path, "a", "--iters", "4", "--lr", "1e-2")
+    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    with pytest.raises(SystemExit, match=r"--export: .*nowhere.*ckpt\.pt is not a usable"):
+        train.export(str(tmp_path / "nowhere"), str(tmp_path / "x.pt"))
+    path = str(tmp_path / "released.pt")
+    train.export(str(tmp_path / "a"), path)
+    assert "step 4, hidden 16" in capsys.readouterr().out
+    assert os.path.getsize(path) < os.path.getsize(tmp_path / "a" / "ckpt.pt") / 2  # no optimizer, half the bytes
+    model, config = mlstm.load_pretrained(path)
+    assert config == ckpt["config"]
+    for k, w in model.state_dict().items():  # fp16 rounding: relative error at most 2^-11 per weight
+        ref = ckpt["model"][k]
+        err = ((w - ref).abs() / ref.abs().clamp_min(1e-4)).max().item()
+        assert w.dtype == torch.float32 and err <= 2 ** -11, f"{k}: max relative error {err:.2e}"
+    ref = mlstm.MLSTM(hidden=16)
+    ref.load_state_dict(ckpt["model"])
+    x = torch.randint(0, 256, (2, 32))
+    diff = (model(x)[0] - ref(x)[0]).abs().max().item()
+    assert diff < 1e-2, f"logits of the fp16-stored model differ from the checkpoint's by {diff:.2e}"
