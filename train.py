@@ -168,9 +168,10 @@ def export(out, path, log=print):
     if not all(w.isfinite().all() for w in weights.values()):
         raise SystemExit(f"error: --export: {src} has weights beyond fp16's range")
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         torch.save({"model": weights, "config": config, "step": step}, path + ".tmp")
         os.replace(path + ".tmp", path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports an unwritable path as a RuntimeError
         raise SystemExit(f"error: --export: cannot write {path} ({type(e).__name__}: {e})")
     log(f"export: {src} (step {step}, hidden {config['hidden']}) -> {path}: fp16 weights, "
         f"{os.path.getsize(path) / 2**20:.1f} MiB")

@@ -126,7 +126,10 @@ def test_export_writes_fp16_weights_that_load_pretrained_reads(tmp_path, capsys)
     ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     with pytest.raises(SystemExit, match=r"--export: .*nowhere.*ckpt\.pt is not a usable"):
         train.export(str(tmp_path / "nowhere"), str(tmp_path / "x.pt"))
-    path = str(tmp_path / "released.pt")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"--export: cannot write .*file/x\.pt"):
+        train.export(str(tmp_path / "a"), str(tmp_path / "file" / "x.pt"))
+    path = str(tmp_path / "new" / "released.pt")  # its folder is created
     train.export(str(tmp_path / "a"), path)
     assert "step 4, hidden 16" in capsys.readouterr().out
     assert os.path.getsize(path) < os.path.getsize(tmp_path / "a" / "ckpt.pt") / 2  # no optimizer, half the bytes
