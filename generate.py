@@ -80,7 +80,8 @@ def sample(model, prime, length, temperature=1.0, top_k=0, num_samples=1, seed=0
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample (and steer) reviews from a byte mLSTM (see the docstring).")
-    p.add_argument("--checkpoint", required=True, help="train.py checkpoint (.pt)")
+    p.add_argument("--checkpoint", default=os.path.relpath(mlstm.RELEASED),
+                   help="train.py checkpoint or released model (.pt); default: the released model, %(default)s")
     p.add_argument("--prime", default="", help="text the review starts with, framed like the corpus "
                                                 "(data.normalize): '\\n ' + text")
     p.add_argument("--raw", action="store_true", help="feed --prime as is, without the corpus framing")

@@ -500,7 +500,8 @@ def run(a, log=print):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sentiment transfer from a pretrained byte mLSTM (see the docstring).")
-    p.add_argument("--checkpoint", required=True, help="train.py checkpoint (.pt)")
+    p.add_argument("--checkpoint", default=os.path.relpath(mlstm.RELEASED),
+                   help="train.py checkpoint or released model (.pt); default: the released model, %(default)s")
     p.add_argument("--task", choices=("sst2", "imdb"), help="a known dataset under --data-dir")
     p.add_argument("--data-dir", help="sst2: folder of train/dev/test.csv; imdb: aclImdb folder or tarball")
     p.add_argument("--train", help="labelled .csv/.tsv/.jsonl[.gz] file (instead of --task)")

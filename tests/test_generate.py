@@ -1,6 +1,7 @@
 """generate.py: the step sampler against model.forward and naive loops, greedy limits, seeds, the held
 neuron, invalid UTF-8 output, prime framing, heatmaps, and the command line's errors."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -191,3 +192,27 @@ def fails(argv, message, capsys):
         generate.main(argv)
     said = str(e.value.code) + capsys.readouterr().err
     assert message in said and "Traceback" not in said, said
+
+
+def test_the_released_model_is_the_default_and_knows_english():
+    """models/: what transfer.py and generate.py load when no --checkpoint is given. Under the issue's 15 MB, fp16
+    on disk, and trained: far fewer bits per byte on a review than on the same bytes shuffled."""
+    a = generate.parse_args([])
+    assert os.path.samefile(a.checkpoint, mlstm.RELEASED)
+    assert os.path.samefile(transfer.parse_args(["--task", "sst2", "--data-dir", "x"]).checkpoint, mlstm.RELEASED)
+    assert os.path.getsize(mlstm.RELEASED) <= 15e6
+    assert all(w.dtype == torch.float16 for w in torch.load(mlstm.RELEASED, weights_only=True)["model"].values())
+    model, _ = mlstm.load_pretrained(mlstm.RELEASED)
+    review = data.normalize("I watched this movie last night with my family. The acting was wonderful and the story "
+                            "kept us interested until the very end. I would recommend it to anyone who likes a good "
+                            "drama, and I will certainly watch it again.")
+    order = torch.randperm(len(review), generator=torch.Generator().manual_seed(0)).tolist()
+    shuffled = bytes(review[i] for i in order)
+
+    def bpc(text):
+        x = torch.tensor([list(text)])
+        with torch.no_grad():
+            return mlstm.loss_fn(model(x[:, :-1])[0], x[:, 1:]).item() / math.log(2)
+
+    r, s = bpc(review), bpc(shuffled)
+    assert r < 3.0 and s > r + 2.0, f"review {r:.2f} bits/byte, the same bytes shuffled {s:.2f}"
