@@ -12,6 +12,7 @@ C is picked on validation over 2^-8 ... 2^2 (ties: the smaller C) and reported o
 neuron is the unit with the largest |weight| under L1; it is also scored alone (one threshold fitted on
 train). Baseline: the same classifier on bag-of-words counts of the same splits.
 
+    python transfer.py --task sst2 --data-dir /work/shared/data/sst2   # the released model (models/), the default
     python transfer.py --checkpoint CKPT --task sst2 --data-dir /work/shared/data/sst2
     python transfer.py --checkpoint CKPT --task imdb --data-dir /work/shared/data/imdb [--limit 2000]
     python transfer.py --checkpoint CKPT --train a.csv [--val b.csv] --test c.jsonl \\
