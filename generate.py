@@ -5,7 +5,7 @@ writes a review byte by byte; holding the sentiment unit of the cell state at a 
 makes the review positive or negative on demand. The neuron's index and sign are the ones transfer.py
 finds (its results.json: keys `neuron`, `neuron_sign`); --value is then in the positive direction.
 
-    python generate.py --prime "This movie"          # the released model, models/mlstm512-imdb.pt (the default)
+    python generate.py --prime "This movie"          # the released model, models/mlstm1024-imdb.pt (the default)
     python generate.py --checkpoint out/demo/ckpt.pt --prime "This movie" --length 300 --temperature 0.8
     python generate.py --checkpoint CKPT --num-samples 4 --top-k 40 --seed 3
     python generate.py --checkpoint CKPT --results out/demo/transfer-imdb/results.json --value 2    # positive

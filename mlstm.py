@@ -22,7 +22,7 @@ import torch.nn.functional as F
 # Sizes from the papers: Radford et al. and Puri et al. train 4096 units; Puri et al. also 8192.
 PRESETS = {"demo": 256, "small": 1024, "paper": 4096, "large": 8192}
 # The released model (README "The released model"): transfer.py's and generate.py's default checkpoint.
-RELEASED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "mlstm512-imdb.pt")
+RELEASED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "mlstm1024-imdb.pt")
 
 
 def weight_norm(v, g):

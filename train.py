@@ -156,8 +156,8 @@ def load_checkpoint(out, config, log, main=True):
 def export(out, path, log=print):
     """A released model: --out's checkpoint's weights in fp16 with its config and step, nothing to resume with.
 
-    fp16 halves the file; its rounding (at most 2^-11 relative per weight) left the released model's held-out
-    BPC unchanged to 6 digits (README, "The released model")."""
+    fp16 halves the file; its rounding (at most 2^-11 relative per weight) left a 512-unit model's held-out
+    BPC unchanged to 6 digits (1.634526 from the fp32 checkpoint and from its export, 2026-11-26)."""
     src = os.path.join(out, "ckpt.pt")
     try:
         ckpt = read_checkpoint(src)
