@@ -1,8 +1,10 @@
 """Training throughput of the mLSTM step, side by side with the plain eager loop and cuDNN's LSTM.
 
-For one hidden size, batch, sequence length and dtype on one device, three rows:
+For one hidden size, batch, sequence length and dtype on one device, up to four rows:
   ours   the training step exactly as train.py takes it: MLSTM forward from the state carried over from
          the previous window, loss in float32, fp16.MixedPrecision backward and step (Adam, clipping at 1).
+  graph  ours with train.py --cuda-graph: the recurrent loop's forward and backward replayed as CUDA graphs
+         (CUDA only; captured during the warm-up steps).
   plain  the same model written the obvious way: nn.Linear layers under torch's weight-norm
          parametrization (recomputed at every use, so every timestep), a Python loop over time doing
          everything per step. Same math: tests/test_bench.py checks its loss equals ours on the same weights.
@@ -10,7 +12,7 @@ For one hidden size, batch, sequence length and dtype on one device, three rows:
          between the same byte embedding and output layer. It has fewer FLOPs per character (4H^2 against
          the mLSTM's 5H^2 recurrent), so compare it by FLOP rate rather than characters/s. In bf16, torch
          runs it on cuDNN only from cuDNN 9.13 (the header prints the version), else on its own per-step cells.
-All three take the same MixedPrecision step with Adam; only the model differs. Per row: step time (median of
+All take the same MixedPrecision step with Adam; only the model differs. Per row: step time (median of
 --steps timed steps after --warmup-steps, the device synchronised before and after each), characters/s
 (B*T / step time), model FLOPs per character from the layer sizes (flops_per_char), achieved TFLOP/s, MFU
 against the device's dense peak for the dtype (PEAKS by GPU name, or --peak-tflops; n/a on CPU without it),
@@ -38,7 +40,7 @@ import torch.nn as nn
 import fp16
 from mlstm import MLSTM, PRESETS, detach_state, loss_fn
 
-KINDS = ("ours", "plain", "lstm")
+KINDS = ("ours", "graph", "plain", "lstm")
 
 # Dense (no sparsity) peak TFLOP/s per dtype from the vendors' datasheets. The first name found in
 # torch.cuda.get_device_name() wins, so the PCIe/NVL variants come before the plain "H100" (SXM).
@@ -128,7 +130,13 @@ def plain_like_ours(hidden):
     return PlainMLSTM(hidden).load_mlstm(ours)
 
 
-MODELS = {"ours": MLSTM, "plain": plain_like_ours, "lstm": LSTMLM}  # by hidden size
+def graphed(hidden):
+    model = MLSTM(hidden)
+    model.cuda_graph = True
+    return model
+
+
+MODELS = {"ours": MLSTM, "graph": graphed, "plain": plain_like_ours, "lstm": LSTMLM}  # by hidden size
 
 
 def train_step(model, mp, opt, x, y, state):
@@ -260,7 +268,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (allocator, cuDNN plans)")
     p.add_argument("--peak-tflops", type=float, help="the device's dense peak for --dtype (None: PEAKS by GPU name)")
-    p.add_argument("--only", default=",".join(KINDS), help="comma-separated rows, from " + ",".join(KINDS))
+    p.add_argument("--only", help="comma-separated rows, from " + ",".join(KINDS) + " (default: all; graph on CUDA)")
     p.add_argument("--json", metavar="OUT", help="also write the config and rows here")
     a = p.parse_args(argv)
     a.hidden = PRESETS.get(a.hidden) or (int(a.hidden) if a.hidden.isdigit() else p.error(
@@ -272,9 +280,6 @@ def parse_args(argv=None):
         p.error("--warmup-steps must be >= 0")
     if a.peak_tflops is not None and a.peak_tflops <= 0:
         p.error("--peak-tflops must be positive")
-    a.only = a.only.split(",")
-    if not set(a.only) <= set(KINDS) or len(set(a.only)) != len(a.only):
-        p.error(f"--only takes distinct names from {','.join(KINDS)}, got {','.join(a.only)}")
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -285,6 +290,11 @@ def parse_args(argv=None):
         p.error("--device cuda: no CUDA device is available")
     if device.type not in ("cpu", "cuda"):
         p.error("--device must be cpu or cuda")
+    a.only = a.only.split(",") if a.only else [k for k in KINDS if k != "graph" or device.type == "cuda"]
+    if not set(a.only) <= set(KINDS) or len(set(a.only)) != len(a.only):
+        p.error(f"--only takes distinct names from {','.join(KINDS)}, got {','.join(a.only)}")
+    if "graph" in a.only and device.type != "cuda":
+        p.error("--only graph: CUDA graphs need --device cuda")
     return a
 
 

@@ -13,6 +13,7 @@ Dimension legend: B batch rows, T timesteps, E embedding (64), H hidden units.
 Used by train.py (python train.py --hidden 4096 ...), transfer.py and generate.py; not run directly.
 """
 import os
+import warnings
 import zipfile
 
 import torch
@@ -147,10 +148,20 @@ class Recurrence(torch.autograd.Function):
         return dxm, dz, dh if ctx.needs_input_grad[2] else None, dc, dwh, dwmh
 
 
+def recurrence(e, wx, b, wmx, wh, wmh, h0, c0):
+    """MLSTM.rnn's training path, time-major: e [T, B, E], h0 c0 [B, H] -> hs [T, B, H], h_T, c_T."""
+    # The input-side products of every timestep in two large matmuls, outside the time loop.
+    xm = e @ wmx  # [T, B, H]
+    xz = e @ wx + b  # [T, B, 4H]
+    return Recurrence.apply(xm, xz, h0, c0, wh, wmh)
+
+
 class MLSTM(nn.Module):
     def __init__(self, hidden=256, embed=64, vocab=256, weight_norm=True):
         super().__init__()
         self.hidden, self.embed_dim, self.vocab, self.use_wn = hidden, embed, vocab, weight_norm
+        # train.py --cuda-graph: replay `recurrence` as CUDA graphs, one pair per input shape (see graphed).
+        self.cuda_graph, self.graphs = False, {}
         H, E = hidden, embed
         self.embed = nn.Embedding(vocab, E)
         # Stored [in, out] as in the reference, so that the products read x @ wx.
@@ -186,12 +197,13 @@ class MLSTM(nn.Module):
         # Time-major [T, B, .], so that each timestep's rows are contiguous: in batch-major [B, T, .] they
         # lie T*4H elements apart, for powers of two in the same cache sets (15% slower GEMMs at T=64, H=256).
         e = self.embed(x.t())  # [T, B, E]
-        # The input-side products of every timestep in two large matmuls, outside the time loop.
+        if torch.is_grad_enabled() and not return_cells:  # training: the hand-written backward
+            args = (e, wx, self.b, wmx, wh, wmh, h, c)
+            hs, h, c = self.graphed(args) if self.cuda_graph and e.is_cuda else recurrence(*args)
+            return hs.transpose(0, 1), None, (h, c)  # hs [B, T, H]
+        # The input-side products as in recurrence, then the loop of `cell` under autograd (or none).
         xm = e @ wmx  # [T, B, H]
         xz = e @ wx + self.b  # [T, B, 4H]
-        if torch.is_grad_enabled() and not return_cells:  # training: the hand-written backward
-            hs, h, c = Recurrence.apply(xm, xz, h, c, wh, wmh)
-            return hs.transpose(0, 1), None, (h, c)  # hs [B, T, H]
         hs, cs = [], []
         # unbind, not xz[t]: under autograd (return_cells with gradients), a select's backward adds up
         # a full-size [T, B, 4H] gradient (zeros but one slice) per timestep; unbind's is one stack.
@@ -203,6 +215,25 @@ class MLSTM(nn.Module):
         hs = torch.stack(hs, 1)  # [B, T, H]
         cs = torch.stack(cs, 1) if return_cells else None  # [B, T, H]
         return hs, cs, (h, c)
+
+    def graphed(self, args):
+        """recurrence(*args) replayed from two CUDA graphs (its forward and its backward).
+
+        At H = 1024 the loop's ~17 small kernels per timestep take longer to launch from Python than to
+        run; a graph launches them all in one call. Captured on first use for each shape (as warm-up
+        steps plus a capture: a few steps' time), then each call copies its inputs into the graph's own.
+        Its outputs live in the graph's memory, so each forward's backward must run before the next
+        forward, as in train.py's loop; state carried between windows is copied in, so it is safe.
+        """
+        key = tuple((a.shape, a.dtype, a.requires_grad) for a in args)
+        if key not in self.graphs:
+            sample = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+            with warnings.catch_warnings():
+                # torch warms up on one side stream and captures on another, and warns that the sample
+                # inputs' gradient nodes changed streams: it inserts a wait, and the replays are tested equal.
+                warnings.filterwarnings("ignore", "The AccumulateGrad node's stream does not match")
+                self.graphs[key] = torch.cuda.make_graphed_callables(recurrence, sample)
+        return self.graphs[key](*args)
 
     def forward(self, x, state=None, return_cells=False):
         """x: byte ids [B, T]. Returns logits [B, T, 256], the final state (h, c), and with

@@ -7,6 +7,7 @@ gradient clipping, mixed precision (fp16.py) and data parallelism (distributed.p
 
     python train.py                                           # the bundled demo: data/reviews.txt.gz, CPU
     python train.py --data corpus.jsonl.gz --hidden 4096 --batch-size 128 --seq-len 256 --dtype fp16
+    python train.py --data corpus.jsonl.gz --hidden 1024 --batch-size 256 --seq-len 256 --dtype fp16 --cuda-graph
     torchrun --standalone --nproc_per_node=8 train.py --data DIR --batch-size 1024 --lr-rule sqrt ...
     python train.py --out out/demo --resume                   # continue a run exactly where it stopped
     python train.py --out out/demo --export demo.pt           # its weights in fp16 + config: a released model
@@ -33,7 +34,7 @@ from mlstm import MLSTM, PRESETS, detach_state, loss_fn, model_config, read_chec
 
 # Flags that steer one invocation but not the computation: they may change on --resume (a run folder may move).
 RUN_FLAGS = {"resume", "export", "stop_at", "log_every", "eval_every", "eval_iters", "save_every", "sample_chars",
-             "device", "timeout", "out", "cache_dir"}
+             "device", "timeout", "out", "cache_dir", "cuda_graph"}
 # A mean loss above this (nats per byte; 10x a uniform guess over 256 bytes, 80 bits per byte) is divergence
 # even when finite: a too-high learning rate sends the loss to millions, not to inf.
 DIVERGED_LOSS = 10 * math.log(256)
@@ -180,6 +181,8 @@ def export(out, path, log=print):
 
 def main(cfg):
     d = distributed.setup(cfg["device"], cfg["timeout"])
+    if cfg["cuda_graph"] and d.device.type != "cuda":
+        raise SystemExit(f"error: --cuda-graph needs a CUDA device, and this run is on {d.device}")
     log = (lambda *a: print(*a, flush=True)) if d.main else (lambda *a: None)
     if d.main:
         try:
@@ -224,6 +227,7 @@ def main(cfg):
     distributed.broadcast_params(model)
     mp = fp16.MixedPrecision(model, cfg["dtype"], cfg["loss_scale"], cfg["scale_growth"],
                              dynamic=not cfg["static_loss_scale"])
+    model.cuda_graph = cfg["cuda_graph"]
     opt = torch.optim.Adam(mp.masters, lr=peak)
     reduce = distributed.GradReducer(cfg["bucket_mb"], torch.float32 if cfg["comm_fp32"] else None)
     step, local = 0, B // d.world
@@ -337,6 +341,8 @@ def parse_args(argv=None):
     p.add_argument("--comm-fp32", action="store_true", help="all-reduce in float32 (default: compute dtype)")
     p.add_argument("--seed", type=int, default=1, help="seed of the initial weights and the sample")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--cuda-graph", action="store_true", help="replay the recurrent loop's forward and backward as "
+                   "CUDA graphs: faster where kernel launches dominate the step (BENCHMARKS.md); CUDA only")
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint if there is one")
     p.add_argument("--export", metavar="PATH", help="write --out's checkpoint as a released model (fp16 weights "
                    "and config, for transfer.py and generate.py) to PATH and exit without training")

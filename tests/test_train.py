@@ -101,6 +101,21 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_cuda_graph_without_cuda_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA device, and this run is on cpu"):
+        run(tmp_path, "a", "--iters", "2", "--cuda-graph")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_run_equals_the_eager_run_and_resumes(tmp_path):
+    gpu = ("--iters", "6", "--device", "cuda", "--dtype", "fp16")
+    eager = losses(run(tmp_path, "eager", *gpu))
+    first = losses(run(tmp_path, "graph", *gpu, "--cuda-graph", "--stop-at", "3"))
+    second = losses(run(tmp_path, "graph", *gpu, "--cuda-graph", "--resume"))[3:]
+    diff = max(abs(a - b) for a, b in zip(first + second, eager))
+    assert len(first + second) == 6 and diff < 1e-3, f"graphed {first + second} vs eager {eager}: max |diff| {diff}"
+
+
 # Losses of the first 5 steps of the tiny model above (seed 1, CPU, fp32), recorded with torch 2.13.0.
 GOLDEN = [5.55435, 5.566417, 5.535129, 5.537367, 5.522027]
 
