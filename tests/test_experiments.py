@@ -86,3 +86,15 @@ def test_second_invocation_skips_finished_runs(sweep, monkeypatch):
         got = second["runs"][name]
         for key in ("status", "heldout_bpc", "train_bpc", "transfer", "commands"):
             assert got[key] == rec[key], f"{name} {key}: first {rec[key]}, second {got[key]}"
+
+
+def test_gpu_scale_trains_with_cuda_graphs_and_cpu_scale_cannot(capsys):
+    def argv(*flags):
+        return experiments.plan(experiments.parse_args(["--only", "lr", *flags]))[0].values()
+
+    assert all("--cuda-graph" in r.argv for r in argv("--scale", "gpu"))
+    assert not any("--cuda-graph" in r.argv for r in argv("--scale", "gpu", "--cuda-graph", "off"))
+    assert not any("--cuda-graph" in r.argv for r in argv("--scale", "cpu"))
+    with pytest.raises(SystemExit):
+        experiments.parse_args(["--scale", "cpu", "--cuda-graph", "on"])
+    assert "--cuda-graph on needs --device cuda" in capsys.readouterr().err
