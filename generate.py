@@ -10,6 +10,8 @@ finds (its results.json: keys `neuron`, `neuron_sign`); --value is then in the p
     python generate.py --checkpoint CKPT --num-samples 4 --top-k 40 --seed 3
     python generate.py --checkpoint CKPT --results out/demo/transfer-imdb/results.json --value 2    # positive
     python generate.py --checkpoint CKPT --results out/demo/transfer-imdb/results.json --value -2   # negative
+    python generate.py --neuron 1016 --value -3 --prime "This movie"   # the released model's best IMDB unit
+                                                   # (sign -): -3 leans positive, +3 negative (README)
     python generate.py --checkpoint CKPT --neuron 2388 --text "Great film, awful ending." --heatmap fire.html
 
 The prime is framed like a corpus document (data.normalize without the closing space, so the model
