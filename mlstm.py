@@ -148,12 +148,15 @@ class Recurrence(torch.autograd.Function):
         return dxm, dz, dh if ctx.needs_input_grad[2] else None, dc, dwh, dwmh
 
 
+def input_products(e, wx, b, wmx):
+    """W_mx x_t and W_x x_t + b of every timestep in two large matmuls, outside the time loop:
+    e [T, B, E] -> xm [T, B, H], xz [T, B, 4H]."""
+    return e @ wmx, e @ wx + b
+
+
 def recurrence(e, wx, b, wmx, wh, wmh, h0, c0):
     """MLSTM.rnn's training path, time-major: e [T, B, E], h0 c0 [B, H] -> hs [T, B, H], h_T, c_T."""
-    # The input-side products of every timestep in two large matmuls, outside the time loop.
-    xm = e @ wmx  # [T, B, H]
-    xz = e @ wx + b  # [T, B, 4H]
-    return Recurrence.apply(xm, xz, h0, c0, wh, wmh)
+    return Recurrence.apply(*input_products(e, wx, b, wmx), h0, c0, wh, wmh)
 
 
 class MLSTM(nn.Module):
@@ -201,9 +204,8 @@ class MLSTM(nn.Module):
             args = (e, wx, self.b, wmx, wh, wmh, h, c)
             hs, h, c = self.graphed(args) if self.cuda_graph and e.is_cuda else recurrence(*args)
             return hs.transpose(0, 1), None, (h, c)  # hs [B, T, H]
-        # The input-side products as in recurrence, then the loop of `cell` under autograd (or none).
-        xm = e @ wmx  # [T, B, H]
-        xz = e @ wx + self.b  # [T, B, 4H]
+        # Inference (or return_cells): the loop of `cell`, under autograd when gradients are on.
+        xm, xz = input_products(e, wx, self.b, wmx)  # [T, B, H], [T, B, 4H]
         hs, cs = [], []
         # unbind, not xz[t]: under autograd (return_cells with gradients), a select's backward adds up
         # a full-size [T, B, 4H] gradient (zeros but one slice) per timestep; unbind's is one stack.
