@@ -15,6 +15,7 @@ Used by train.py (python train.py --hidden 4096 ...), transfer.py and generate.p
 import os
 import warnings
 import zipfile
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -64,11 +65,15 @@ class Recurrence(torch.autograd.Function):
     recurrence needs (dz_t, dm_t, dh_{t-1}, dc_{t-1}); the weight gradients follow as one GEMM each.
     Time-major, so that each step's rows are contiguous: xm [T, B, H], xz [T, B, 4H], h0 c0 [B, H],
     wh [H, 4H], wmh [H, H] -> hs [T, B, H], h_T, c_T [B, H].
+    fused=True (train.py --triton) runs each step's gate math as one Triton kernel per direction
+    (kernels.py); the plain-torch lines here are the reference that tests/test_kernels.py compares them with.
     """
 
     @staticmethod
-    def forward(ctx, xm, xz, h0, c0, wh, wmh):
+    def forward(ctx, xm, xz, h0, c0, wh, wmh, fused=False):
         T, B, H = xm.shape
+        if fused:  # train.py --triton: the gate math of each step in one Triton kernel per direction
+            import kernels
         # What backward needs, for all timesteps: W_mh h_{t-1}, the gates i f o u (after their
         # nonlinearities), tanh(c_t), and h_t, c_t from t = 0 (so that h_{t-1} is hs[t]: no concatenation).
         hm, tanh_cs = xm.new_empty(T, B, H), xm.new_empty(T, B, H)
@@ -82,14 +87,18 @@ class Recurrence(torch.autograd.Function):
             m = xm_t * torch.mm(h_prev, wmh, out=hm_t)
             # z_t = W_x x_t + W_h m_t + b
             torch.addmm(xz_t, m, wh, out=z)
-            # i, f, o = sigmoid(.);  u = tanh(.)   -- in place: backward needs the gates, not z
-            z[:, : 3 * H].sigmoid_()
-            z[:, 3 * H :].tanh_()
-            i, f, o, u = z.chunk(4, 1)  # [B, H] each
-            # c_t = f * c_{t-1} + i * u
-            torch.addcmul(f * c_prev, i, u, out=c)
-            # h_t = o * tanh(c_t)
-            torch.mul(o, torch.tanh(c, out=tanh_c), out=h)
+            if fused:  # the gate math below in one kernel
+                kernels.forward_step(z, c_prev, c, tanh_c, h)
+            else:
+                # i, f, o = sigmoid(.);  u = tanh(.)   -- in place: backward needs the gates, not z
+                z[:, : 3 * H].sigmoid_()
+                z[:, 3 * H :].tanh_()
+                i, f, o, u = z.chunk(4, 1)  # [B, H] each
+                # c_t = f * c_{t-1} + i * u
+                torch.addcmul(f * c_prev, i, u, out=c)
+                # h_t = o * tanh(c_t)
+                torch.mul(o, torch.tanh(c, out=tanh_c), out=h)
+        ctx.fused = fused
         ctx.save_for_backward(xm, wh, wmh, hm, gates, hs, cs, tanh_cs)
         # The final state as copies, not views: it is saved in checkpoints and all-gathered.
         return hs[1:], hs[-1].clone(), cs[-1].clone()
@@ -101,41 +110,46 @@ class Recurrence(torch.autograd.Function):
         # Outputs that got no gradient arrive as zeros (autograd's default, materialize_grads).
         xm, wh, wmh, hm, gates, hs, cs, tanh_cs = ctx.saved_tensors
         T, B, H = xm.shape
-        i, f, o, u = gates.chunk(4, 2)  # [T, B, H] each
-        # dz for all t at once: first the factors of dz_t that do not depend on the recurrent gradient,
-        # which the reverse loop then multiplies by dc_t (or dh_t) in place.
         dz = torch.empty_like(gates)  # [T, B, 4H]
-        dz_i, dz_f, dz_o, dz_u = dz.chunk(4, 2)  # [T, B, H] each
-        # dz_i = dc_t * u i(1-i)    (sigmoid' = s(1-s) = s - s*s)
-        torch.mul(u, torch.addcmul(i, i, i, value=-1), out=dz_i)
-        # dz_f = dc_t * c_{t-1} f(1-f)
-        torch.mul(cs[:-1], torch.addcmul(f, f, f, value=-1), out=dz_f)
-        # dz_o = dh_t * tanh(c_t) o(1-o)
-        torch.mul(tanh_cs, torch.addcmul(o, o, o, value=-1), out=dz_o)
-        # dz_u = dc_t * i (1-u^2) = dc_t * (i - i u u)    (tanh' = 1 - tanh^2)
-        torch.addcmul(i, i * u, u, value=-1, out=dz_u)
-        # dc_t += dh_t * o (1 - tanh^2(c_t)) = dh_t * (o - o tanh tanh), through h_t = o * tanh(c_t)
-        o_dtanh = torch.addcmul(o, o * tanh_cs, tanh_cs, value=-1)
+        if ctx.fused:
+            import kernels
+        else:
+            i, f, o, u = gates.chunk(4, 2)  # [T, B, H] each
+            # dz for all t at once: first the factors of dz_t that do not depend on the recurrent gradient,
+            # which the reverse loop then multiplies by dc_t (or dh_t) in place.
+            dz_i, dz_f, dz_o, dz_u = dz.chunk(4, 2)  # [T, B, H] each
+            # dz_i = dc_t * u i(1-i)    (sigmoid' = s(1-s) = s - s*s)
+            torch.mul(u, torch.addcmul(i, i, i, value=-1), out=dz_i)
+            # dz_f = dc_t * c_{t-1} f(1-f)
+            torch.mul(cs[:-1], torch.addcmul(f, f, f, value=-1), out=dz_f)
+            # dz_o = dh_t * tanh(c_t) o(1-o)
+            torch.mul(tanh_cs, torch.addcmul(o, o, o, value=-1), out=dz_o)
+            # dz_u = dc_t * i (1-u^2) = dc_t * (i - i u u)    (tanh' = 1 - tanh^2)
+            torch.addcmul(i, i * u, u, value=-1, out=dz_u)
+            # dc_t += dh_t * o (1 - tanh^2(c_t)) = dh_t * (o - o tanh tanh), through h_t = o * tanh(c_t)
+            o_dtanh = torch.addcmul(o, o * tanh_cs, tanh_cs, value=-1)
         dm, dhm = torch.empty_like(xm), torch.empty_like(xm)
         # Transposed copies: per-step GEMMs with a transposed (column-major) operand ran 1.5x slower on CPU.
         wh_t, wmh_t = wh.t().contiguous(), wmh.t().contiguous()  # [4H, H], [H, H]
-        steps = enumerate(zip(dhs, o_dtanh, dz, f, xm, dm, dhm))
-        for t, (dhs_t, o_dtanh_t, dz_t, f_t, xm_t, dm_t, dhm_t) in reversed(list(steps)):
-            # dh_t = dL/dh_t (from the output) + dh_t (from step t+1; at t = T, the final state's)
-            dh = dh + dhs_t
-            # dc_t = dc_t (from step t+1) + dh_t * o (1 - tanh^2(c_t))
-            dc = torch.addcmul(dc, dh, o_dtanh_t)
-            # dz_t: the factors above times dc_t for i f u, dh_t for o  (the four gates in one op)
-            dz_t.view(B, 4, H).mul_(torch.stack([dc, dc, dh, dc], 1))  # [B, 4, H]
+        for t in reversed(range(T)):
+            if ctx.fused:  # the gate math below, and dz's factors above, in one kernel
+                dc = kernels.backward_step(dz[t], gates[t], cs[t], tanh_cs[t], dh, dhs[t], dc)
+            else:
+                # dh_t = dL/dh_t (from the output) + dh_t (from step t+1; at t = T, the final state's)
+                dh = dh + dhs[t]
+                # dc_t = dc_t (from step t+1) + dh_t * o (1 - tanh^2(c_t))
+                dc = torch.addcmul(dc, dh, o_dtanh[t])
+                # dz_t: the factors above times dc_t for i f u, dh_t for o  (the four gates in one op)
+                dz[t].view(B, 4, H).mul_(torch.stack([dc, dc, dh, dc], 1))  # [B, 4, H]
+                # dc_{t-1} = dc_t * f_t
+                dc = dc * f[t]
             # dm_t = dz_t W_h^T
-            torch.mm(dz_t, wh_t, out=dm_t)
+            torch.mm(dz[t], wh_t, out=dm[t])
             # d(W_mh h_{t-1}) = dm_t * (W_mx x_t)
-            torch.mul(dm_t, xm_t, out=dhm_t)
+            torch.mul(dm[t], xm[t], out=dhm[t])
             # dh_{t-1} = d(W_mh h_{t-1}) W_mh^T  (skipped for a carried state that is detached, as in training)
             if t > 0 or ctx.needs_input_grad[2]:
-                dh = dhm_t @ wmh_t
-            # dc_{t-1} = dc_t * f_t
-            dc = dc * f_t
+                dh = dhm[t] @ wmh_t
         # The weight gradients: one GEMM each, summing over all T*B rows.
         m = (xm * hm).view(T * B, H)  # m_t of every step, recomputed: [T*B, H]
         # dW_h = sum_t m_t^T dz_t
@@ -145,7 +159,7 @@ class Recurrence(torch.autograd.Function):
         # d(W_mx x_t) = dm_t * (W_mh h_{t-1})  (in place: dm is not needed any more)
         dxm = dm.mul_(hm)
         # d(W_x x_t + b) = dz_t
-        return dxm, dz, dh if ctx.needs_input_grad[2] else None, dc, dwh, dwmh
+        return dxm, dz, dh if ctx.needs_input_grad[2] else None, dc, dwh, dwmh, None
 
 
 def input_products(e, wx, b, wmx):
@@ -154,9 +168,9 @@ def input_products(e, wx, b, wmx):
     return e @ wmx, e @ wx + b
 
 
-def recurrence(e, wx, b, wmx, wh, wmh, h0, c0):
+def recurrence(e, wx, b, wmx, wh, wmh, h0, c0, fused=False):
     """MLSTM.rnn's training path, time-major: e [T, B, E], h0 c0 [B, H] -> hs [T, B, H], h_T, c_T."""
-    return Recurrence.apply(*input_products(e, wx, b, wmx), h0, c0, wh, wmh)
+    return Recurrence.apply(*input_products(e, wx, b, wmx), h0, c0, wh, wmh, fused)
 
 
 class MLSTM(nn.Module):
@@ -165,6 +179,8 @@ class MLSTM(nn.Module):
         self.hidden, self.embed_dim, self.vocab, self.use_wn = hidden, embed, vocab, weight_norm
         # train.py --cuda-graph: replay `recurrence` as CUDA graphs, one pair per input shape (see graphed).
         self.cuda_graph, self.graphs = False, {}
+        # train.py --triton: Recurrence's gate math as kernels.py's Triton kernels.
+        self.triton = False
         H, E = hidden, embed
         self.embed = nn.Embedding(vocab, E)
         # Stored [in, out] as in the reference, so that the products read x @ wx.
@@ -202,7 +218,7 @@ class MLSTM(nn.Module):
         e = self.embed(x.t())  # [T, B, E]
         if torch.is_grad_enabled() and not return_cells:  # training: the hand-written backward
             args = (e, wx, self.b, wmx, wh, wmh, h, c)
-            hs, h, c = self.graphed(args) if self.cuda_graph and e.is_cuda else recurrence(*args)
+            hs, h, c = self.graphed(args) if self.cuda_graph and e.is_cuda else recurrence(*args, self.triton)
             return hs.transpose(0, 1), None, (h, c)  # hs [B, T, H]
         # Inference (or return_cells): the loop of `cell`, under autograd when gradients are on.
         xm, xz = input_products(e, wx, self.b, wmx)  # [T, B, H], [T, B, 4H]
@@ -227,14 +243,14 @@ class MLSTM(nn.Module):
         Its outputs live in the graph's memory, so each forward's backward must run before the next
         forward, as in train.py's loop; state carried between windows is copied in, so it is safe.
         """
-        key = tuple((a.shape, a.dtype, a.requires_grad) for a in args)
+        key = tuple((a.shape, a.dtype, a.requires_grad) for a in args) + (self.triton,)
         if key not in self.graphs:
             sample = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
             with warnings.catch_warnings():
                 # torch warms up on one side stream and captures on another, and warns that the sample
                 # inputs' gradient nodes changed streams: it inserts a wait, and the replays are tested equal.
                 warnings.filterwarnings("ignore", "The AccumulateGrad node's stream does not match")
-                self.graphs[key] = torch.cuda.make_graphed_callables(recurrence, sample)
+                self.graphs[key] = torch.cuda.make_graphed_callables(partial(recurrence, fused=self.triton), sample)
         return self.graphs[key](*args)
 
     def forward(self, x, state=None, return_cells=False):
