@@ -8,6 +8,7 @@ gradient clipping, mixed precision (fp16.py) and data parallelism (distributed.p
     python train.py                                           # the bundled demo: data/reviews.txt.gz, CPU
     python train.py --data corpus.jsonl.gz --hidden 4096 --batch-size 128 --seq-len 256 --dtype fp16
     python train.py --data corpus.jsonl.gz --hidden 1024 --batch-size 256 --seq-len 256 --dtype fp16 --cuda-graph
+    python train.py --data corpus.jsonl.gz --hidden 4096 --batch-size 512 --seq-len 256 --dtype fp16 --triton
     torchrun --standalone --nproc_per_node=8 train.py --data DIR --batch-size 1024 --lr-rule sqrt ...
     python train.py --out out/demo --resume                   # continue a run exactly where it stopped
     python train.py --out out/demo --export demo.pt           # its weights in fp16 + config: a released model
@@ -18,6 +19,7 @@ gradient clipping, mixed precision (fp16.py) and data parallelism (distributed.p
 """
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -34,7 +36,7 @@ from mlstm import MLSTM, PRESETS, detach_state, loss_fn, model_config, read_chec
 
 # Flags that steer one invocation but not the computation: they may change on --resume (a run folder may move).
 RUN_FLAGS = {"resume", "export", "stop_at", "log_every", "eval_every", "eval_iters", "save_every", "sample_chars",
-             "device", "timeout", "out", "cache_dir", "cuda_graph"}
+             "device", "timeout", "out", "cache_dir", "cuda_graph", "triton"}
 # A mean loss above this (nats per byte; 10x a uniform guess over 256 bytes, 80 bits per byte) is divergence
 # even when finite: a too-high learning rate sends the loss to millions, not to inf.
 DIVERGED_LOSS = 10 * math.log(256)
@@ -183,6 +185,9 @@ def main(cfg):
     d = distributed.setup(cfg["device"], cfg["timeout"])
     if cfg["cuda_graph"] and d.device.type != "cuda":
         raise SystemExit(f"error: --cuda-graph needs a CUDA device, and this run is on {d.device}")
+    if cfg["triton"] and (d.device.type != "cuda" or not importlib.util.find_spec("triton")):
+        raise SystemExit(f"error: --triton needs a CUDA device (this run is on {d.device}) and the triton package "
+                         "(torch's CUDA wheels install it)")
     log = (lambda *a: print(*a, flush=True)) if d.main else (lambda *a: None)
     if d.main:
         try:
@@ -227,7 +232,7 @@ def main(cfg):
     distributed.broadcast_params(model)
     mp = fp16.MixedPrecision(model, cfg["dtype"], cfg["loss_scale"], cfg["scale_growth"],
                              dynamic=not cfg["static_loss_scale"])
-    model.cuda_graph = cfg["cuda_graph"]
+    model.cuda_graph, model.triton = cfg["cuda_graph"], cfg["triton"]
     opt = torch.optim.Adam(mp.masters, lr=peak)
     reduce = distributed.GradReducer(cfg["bucket_mb"], torch.float32 if cfg["comm_fp32"] else None)
     step, local = 0, B // d.world
@@ -343,6 +348,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--cuda-graph", action="store_true", help="replay the recurrent loop's forward and backward as "
                    "CUDA graphs: faster where kernel launches dominate the step (BENCHMARKS.md); CUDA only")
+    p.add_argument("--triton", action="store_true", help="the recurrent loop's gate math as two fused Triton "
+                   "kernels (kernels.py), one per direction, instead of ~9 and ~5 torch ops per step; CUDA only")
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint if there is one")
     p.add_argument("--export", metavar="PATH", help="write --out's checkpoint as a released model (fp16 weights "
                    "and config, for transfer.py and generate.py) to PATH and exit without training")

@@ -101,19 +101,22 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def test_cuda_graph_without_cuda_is_a_clear_error(tmp_path):
+def test_cuda_graph_and_triton_without_cuda_are_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA device, and this run is on cpu"):
         run(tmp_path, "a", "--iters", "2", "--cuda-graph")
+    with pytest.raises(SystemExit, match=r"--triton needs a CUDA device \(this run is on cpu\)"):
+        run(tmp_path, "a", "--iters", "2", "--triton")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-def test_cuda_graph_run_equals_the_eager_run_and_resumes(tmp_path):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and Triton kernels need a CUDA GPU")
+@pytest.mark.parametrize("flags", [("--cuda-graph",), ("--triton",), ("--cuda-graph", "--triton")])
+def test_fast_paths_run_equal_the_eager_run_and_resume(tmp_path, flags):
     gpu = ("--iters", "6", "--device", "cuda", "--dtype", "fp16")
     eager = losses(run(tmp_path, "eager", *gpu))
-    first = losses(run(tmp_path, "graph", *gpu, "--cuda-graph", "--stop-at", "3"))
-    second = losses(run(tmp_path, "graph", *gpu, "--cuda-graph", "--resume"))[3:]
+    first = losses(run(tmp_path, "fast", *gpu, *flags, "--stop-at", "3"))
+    second = losses(run(tmp_path, "fast", *gpu, *flags, "--resume"))[3:]
     diff = max(abs(a - b) for a, b in zip(first + second, eager))
-    assert len(first + second) == 6 and diff < 1e-3, f"graphed {first + second} vs eager {eager}: max |diff| {diff}"
+    assert len(first + second) == 6 and diff < 1e-3, f"{flags}: {first + second} vs eager {eager}: max |diff| {diff}"
 
 
 # Losses of the first 5 steps of the tiny model above (seed 1, CPU, fp32), recorded with torch 2.13.0.
