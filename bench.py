@@ -5,6 +5,8 @@ For one hidden size, batch, sequence length and dtype on one device, up to four 
          the previous window, loss in float32, fp16.MixedPrecision backward and step (Adam, clipping at 1).
   graph  ours with train.py --cuda-graph: the recurrent loop's forward and backward replayed as CUDA graphs
          (CUDA only; captured during the warm-up steps).
+  triton ours with train.py --triton: each step's gate math as one fused Triton kernel per direction
+         (kernels.py; CUDA only). graph-triton: both flags.
   plain  the same model written the obvious way: nn.Linear layers under torch's weight-norm
          parametrization (recomputed at every use, so every timestep), a Python loop over time doing
          everything per step. Same math: tests/test_bench.py checks its loss equals ours on the same weights.
@@ -25,9 +27,11 @@ per GPU (0.81 s per 256x256-character iteration), ~0.5 GFLOP per character for t
     python bench.py                                          # the demo: hidden 256, batch 32, seq 64, fp32, CPU
     python bench.py --hidden paper --batch-size 256 --seq-len 256 --dtype fp16 --device cuda
     python bench.py --hidden 4096 --batch-size 512 --seq-len 256 --dtype bf16 --only ours,lstm --json out/bench.json
+    python bench.py --hidden 4096 --batch-size 512 --seq-len 256 --dtype fp16 --device cuda --only ours,triton,graph-triton
 """
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import statistics
@@ -40,7 +44,8 @@ import torch.nn as nn
 import fp16
 from mlstm import MLSTM, PRESETS, detach_state, loss_fn
 
-KINDS = ("ours", "graph", "plain", "lstm")
+KINDS = ("ours", "graph", "triton", "graph-triton", "plain", "lstm")
+CUDA_ONLY = ("graph", "triton", "graph-triton")
 
 # Dense (no sparsity) peak TFLOP/s per dtype from the vendors' datasheets. The first name found in
 # torch.cuda.get_device_name() wins, so the PCIe/NVL variants come before the plain "H100" (SXM).
@@ -130,13 +135,14 @@ def plain_like_ours(hidden):
     return PlainMLSTM(hidden).load_mlstm(ours)
 
 
-def graphed(hidden):
+def fast(hidden, cuda_graph, triton):
     model = MLSTM(hidden)
-    model.cuda_graph = True
+    model.cuda_graph, model.triton = cuda_graph, triton
     return model
 
 
-MODELS = {"ours": MLSTM, "graph": graphed, "plain": plain_like_ours, "lstm": LSTMLM}  # by hidden size
+MODELS = {"ours": MLSTM, "graph": lambda h: fast(h, True, False), "triton": lambda h: fast(h, False, True),
+          "graph-triton": lambda h: fast(h, True, True), "plain": plain_like_ours, "lstm": LSTMLM}  # by hidden size
 
 
 def train_step(model, mp, opt, x, y, state):
@@ -268,7 +274,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (allocator, cuDNN plans)")
     p.add_argument("--peak-tflops", type=float, help="the device's dense peak for --dtype (None: PEAKS by GPU name)")
-    p.add_argument("--only", help="comma-separated rows, from " + ",".join(KINDS) + " (default: all; graph on CUDA)")
+    p.add_argument("--only", help="comma-separated rows, from " + ",".join(KINDS) + " (default: all; " +
+                   ",".join(CUDA_ONLY) + " on CUDA)")
     p.add_argument("--json", metavar="OUT", help="also write the config and rows here")
     a = p.parse_args(argv)
     a.hidden = PRESETS.get(a.hidden) or (int(a.hidden) if a.hidden.isdigit() else p.error(
@@ -290,11 +297,14 @@ def parse_args(argv=None):
         p.error("--device cuda: no CUDA device is available")
     if device.type not in ("cpu", "cuda"):
         p.error("--device must be cpu or cuda")
-    a.only = a.only.split(",") if a.only else [k for k in KINDS if k != "graph" or device.type == "cuda"]
+    a.only = a.only.split(",") if a.only else [k for k in KINDS if k not in CUDA_ONLY or device.type == "cuda"]
     if not set(a.only) <= set(KINDS) or len(set(a.only)) != len(a.only):
         p.error(f"--only takes distinct names from {','.join(KINDS)}, got {','.join(a.only)}")
-    if "graph" in a.only and device.type != "cuda":
-        p.error("--only graph: CUDA graphs need --device cuda")
+    fast = [k for k in a.only if k in CUDA_ONLY]
+    if fast and device.type != "cuda":
+        p.error(f"--only {','.join(fast)}: CUDA graphs and Triton kernels need --device cuda")
+    if any("triton" in k for k in a.only) and not importlib.util.find_spec("triton"):
+        p.error("--only ...triton: needs the triton package (torch's CUDA wheels install it)")
     return a
 
 

@@ -28,7 +28,7 @@ def test_rows_have_every_field_and_ratios(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert all(k in printed for k in ("ours/row FLOP/s", "plain", "lstm", "n/a"))
     rows = json.loads(out.read_text())["rows"]
-    assert [r["kind"] for r in rows] == ["ours", "plain", "lstm"]  # the CUDA-graph row only on CUDA
+    assert [r["kind"] for r in rows] == ["ours", "plain", "lstm"]  # the graph and Triton rows only on CUDA
     assert rows[0]["ours_over_row_chars"] == 1.0 and rows[0]["ours_over_row_flops"] == 1.0
     lstm = rows[2]
     assert lstm["ours_over_row_chars"] == pytest.approx(rows[0]["chars_per_s"] / lstm["chars_per_s"])
@@ -51,7 +51,8 @@ def test_bad_flags_are_refused_with_a_message(capsys):
                       (["--only", "ours,cudnn"], "--only takes"), (["--only", "ours,ours"], "--only takes"),
                       (["--peak-tflops", "-1"], "--peak-tflops"), (["--device", "tpu"], "--device"),
                       (["--dtype", "fp8"], "invalid choice"),
-                      (["--only", "ours,graph", "--device", "cpu"], "CUDA graphs need --device cuda")):
+                      (["--only", "ours,graph", "--device", "cpu"], "--only graph: CUDA graphs and Triton"),
+                      (["--only", "triton", "--device", "cpu"], "--only triton: CUDA graphs and Triton kernels need")):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         assert msg in capsys.readouterr().err
