@@ -1,5 +1,11 @@
 """kernels.py's fused Triton gate kernels against mlstm.Recurrence's plain-torch gate math (the reference),
-and against float64. On a CPU the kernels run in Triton's interpreter (conftest.py), on a GPU compiled."""
+and against float64. On a CPU the kernels run in Triton's interpreter (conftest.py) and are also compiled for
+the H100 to check their PTX; on a GPU they are compiled and run."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -82,3 +88,42 @@ def test_model_with_triton_equals_plain_over_carried_windows():
         for (name, r), (_, a) in zip(*results):
             err = rel_err(a, r)
             assert err < 1e-5, f"window {window}, {name}: max |diff| / max |plain| = {err:.2e}"
+
+
+COMPILE = """
+import collections, json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels
+out = {}
+for ty in ("fp16", "bf16", "fp32"):
+    for fn in (kernels._forward, kernels._backward):
+        # As Triton's JIT specialises at a launch: ints equal to 1 become constants, pointers (16-byte aligned)
+        # and ints divisible by 16 are marked so (H, and dhs_row = T*H, are multiples of 16 in practice).
+        consts = {"BLOCK": 1024, "dhs_col": 1}
+        sig = {n: "constexpr" if n in consts else "i32" if n in ("H", "dhs_row") else "*" + ty for n in fn.arg_names}
+        attrs = {(k,): [["tt.divisibility", 16]] for k, n in enumerate(fn.arg_names) if n not in consts}
+        src = ASTSource(fn, sig, {n: v for n, v in consts.items() if n in sig}, attrs)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        out[ty + fn.__name__] = collections.Counter(re.findall(r"(?:ld|st)[.]global[.a-z0-9]*", ptx))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above compile and run the kernels")
+def test_kernels_compile_for_the_h100_with_each_tensor_read_and_written_once_in_128_bit_accesses():
+    """Triton's interpreter is more lenient than its compiler: compile both kernels for sm_90 (Hopper) to
+    PTX and cubin without a GPU, and check the memory traffic in the PTX: one 128-bit (v4.b32) load per
+    input tensor and one store per output, per thread of 8 16-bit values (16 fp32 values: two of each)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", COMPILE], cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.splitlines()[-1])
+    for ty, per in (("fp16", 1), ("bf16", 1), ("fp32", 2)):
+        # forward: loads z's 4 gates and c_{t-1}; stores the 4 gates, c_t, tanh(c_t), h_t.
+        # backward: loads the 4 gates, c_{t-1}, tanh(c_t), dh, dL/dh_t, dc; stores dz's 4 gates and dc_{t-1}.
+        for kernel, loads, stores in (("_forward", 5, 7), ("_backward", 9, 5)):
+            want = {"ld.global.v4.b32": loads * per, "st.global.v4.b32": stores * per}
+            assert got[ty + kernel] == want, f"{kernel} in {ty}: global accesses {got[ty + kernel]}, want {want}"
