@@ -1,10 +1,11 @@
 """The mLSTM time loop's gate math fused into two Triton kernels: train.py --triton.
 
 Puri et al. 2018 (arXiv 1808.01371) train the 4096-d mLSTM with fp16 tensor-core GEMMs; what the GEMMs
-leave is elementwise. mlstm.Recurrence spends, per timestep, nine small kernels forward and five backward
-on the gate math of `mlstm.cell` (sigmoid, tanh, the products of c and h), each reading and writing
-[B, H] or [B, 4H] tensors, most of them column slices of z that torch runs unvectorised: 39% of the
-kernel time of a 4096-d step on an H100 (BENCHMARKS.md). Here each direction is one kernel that reads
+leave is elementwise. mlstm.Recurrence spends, per timestep, six small kernels forward and five backward
+(plus ten over all timesteps) on the gate math of `mlstm.cell` (sigmoid, tanh, the products of c and h),
+each reading and writing [B, H] or [B, 4H] tensors, most of them column slices of z that torch runs
+unvectorised; elementwise kernels, mostly these, take 39% of the kernel time of a 4096-d step on an H100
+(BENCHMARKS.md). Here each direction is one kernel that reads
 its inputs once, computes in float32 registers and writes once. mlstm.Recurrence calls them in place of
 its plain-torch lines when fused=True, which stay the readable reference that tests/test_kernels.py
 compares these with (on a CPU in Triton's interpreter, TRITON_INTERPRET=1; on a GPU compiled).

@@ -349,7 +349,7 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graph", action="store_true", help="replay the recurrent loop's forward and backward as "
                    "CUDA graphs: faster where kernel launches dominate the step (BENCHMARKS.md); CUDA only")
     p.add_argument("--triton", action="store_true", help="the recurrent loop's gate math as two fused Triton "
-                   "kernels (kernels.py), one per direction, instead of ~9 and ~5 torch ops per step; CUDA only")
+                   "kernels (kernels.py), one per direction, instead of 6 and 5 torch ops per step; CUDA only")
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint if there is one")
     p.add_argument("--export", metavar="PATH", help="write --out's checkpoint as a released model (fp16 weights "
                    "and config, for transfer.py and generate.py) to PATH and exit without training")
