@@ -247,6 +247,8 @@ def main(a):
     if a.json:  # before the runs, so that a bad path fails early
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
     device = torch.device(a.device)
+    if device.type == "cuda":  # Triton kernels and CUDA graphs run on the current device: make it this one
+        torch.cuda.set_device(device)
     name = (f"{torch.cuda.get_device_name(device)}, cuDNN {torch.backends.cudnn.version()}" if device.type == "cuda"
             else f"cpu, {torch.get_num_threads()} threads")
     config = dict(hidden=a.hidden, batch_size=a.batch_size, seq_len=a.seq_len, dtype=a.dtype, steps=a.steps,
