@@ -110,10 +110,16 @@ class Recurrence(torch.autograd.Function):
         # Outputs that got no gradient arrive as zeros (autograd's default, materialize_grads).
         xm, wh, wmh, hm, gates, hs, cs, tanh_cs = ctx.saved_tensors
         T, B, H = xm.shape
-        dz = torch.empty_like(gates)  # [T, B, 4H]
         if ctx.fused:
             import kernels
+            # dz_t overwrites the gates of step t, which nothing reads after it (the kernel reads each element
+            # before writing it): the largest buffer of the backward is not allocated twice. A second backward
+            # (retain_graph) then fails autograd's check that saved tensors were not modified, once told of
+            # the kernel's writes, which autograd cannot see.
+            dz = gates  # [T, B, 4H]
+            torch.autograd.graph.increment_version(gates)
         else:
+            dz = torch.empty_like(gates)  # [T, B, 4H]
             i, f, o, u = gates.chunk(4, 2)  # [T, B, H] each
             # dz for all t at once: first the factors of dz_t that do not depend on the recurrent gradient,
             # which the reverse loop then multiplies by dc_t (or dh_t) in place.

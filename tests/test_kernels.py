@@ -127,3 +127,14 @@ def test_kernels_compile_for_the_h100_with_each_tensor_read_and_written_once_in_
         for kernel, loads, stores in (("_forward", 5, 7), ("_backward", 9, 5)):
             want = {"ld.global.v4.b32": loads * per, "st.global.v4.b32": stores * per}
             assert got[ty + kernel] == want, f"{kernel} in {ty}: global accesses {got[ty + kernel]}, want {want}"
+
+
+def test_a_second_backward_through_the_fused_path_is_an_error_not_wrong_gradients():
+    """The fused backward writes dz over the saved gates (memory): retain_graph's second pass must refuse."""
+    model = MLSTM(hidden=16, embed=8).to(DEVICE)
+    model.triton = True
+    x = torch.randint(0, 256, (4, 5), device=DEVICE)
+    loss = loss_fn(model(x)[0], x)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
