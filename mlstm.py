@@ -72,7 +72,7 @@ class Recurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xm, xz, h0, c0, wh, wmh, fused=False):
         T, B, H = xm.shape
-        if fused:  # train.py --triton: the gate math of each step in one Triton kernel per direction
+        if fused:  # train.py --triton; imported only then, as torch's CPU wheels come without Triton
             import kernels
         # What backward needs, for all timesteps: W_mh h_{t-1}, the gates i f o u (after their
         # nonlinearities), tanh(c_t), and h_t, c_t from t = 0 (so that h_{t-1} is hs[t]: no concatenation).
