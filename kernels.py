@@ -27,16 +27,17 @@ def _tanh(x):
 
 
 @triton.jit
-def _forward(z, c_prev, c, tanh_c, h, H, BLOCK: tl.constexpr):
+def _forward(z, xz, c_prev, c, tanh_c, h, H, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = j < H
-    zb, s = z + b * 4 * H + j, b * H + j  # z[b, j] (gate i), and [b, j] of the [B, H] states
-    # i, f, o = sigmoid(z_i, z_f, z_o);  u = tanh(z_u)
-    i = tl.sigmoid(tl.load(zb, mask=mask).to(tl.float32))
-    f = tl.sigmoid(tl.load(zb + H, mask=mask).to(tl.float32))
-    o = tl.sigmoid(tl.load(zb + 2 * H, mask=mask).to(tl.float32))
-    u = _tanh(tl.load(zb + 3 * H, mask=mask).to(tl.float32))
+    g, s = b * 4 * H + j, b * H + j  # [b, j] of the [B, 4H] rows (gate i; + H for f, ...) and of the [B, H] states
+    zb, xb = z + g, xz + g
+    # z_t = W_x x_t + b + W_h m_t;  i, f, o = sigmoid(.);  u = tanh(.)
+    i = tl.sigmoid(tl.load(xb, mask=mask).to(tl.float32) + tl.load(zb, mask=mask).to(tl.float32))
+    f = tl.sigmoid(tl.load(xb + H, mask=mask).to(tl.float32) + tl.load(zb + H, mask=mask).to(tl.float32))
+    o = tl.sigmoid(tl.load(xb + 2 * H, mask=mask).to(tl.float32) + tl.load(zb + 2 * H, mask=mask).to(tl.float32))
+    u = _tanh(tl.load(xb + 3 * H, mask=mask).to(tl.float32) + tl.load(zb + 3 * H, mask=mask).to(tl.float32))
     # c_t = f * c_{t-1} + i * u
     ct = f * tl.load(c_prev + s, mask=mask).to(tl.float32) + i * u
     # h_t = o * tanh(c_t)
@@ -82,12 +83,13 @@ def _grid(B, H):
     return (B, triton.cdiv(H, block)), block
 
 
-def forward_step(z, c_prev, c, tanh_c, h):
-    """z [B, 4H] (= x W_x + m W_h + b) -> the gates i f o u in place; writes c_t, tanh(c_t), h_t [B, H].
+def forward_step(z, xz, c_prev, c, tanh_c, h):
+    """z [B, 4H] = m W_h, to which xz = x W_x + b is added here (not by the GEMM: torch's addmm copies xz into
+    its output first) -> the gates i f o u in place of z; writes c_t, tanh(c_t), h_t [B, H].
     All contiguous (slices of mlstm.Recurrence's time-major buffers)."""
     B, H = c.shape
     grid, block = _grid(B, H)
-    _forward[grid](z, c_prev, c, tanh_c, h, H, BLOCK=block)
+    _forward[grid](z, xz, c_prev, c, tanh_c, h, H, BLOCK=block)
 
 
 def backward_step(dz, gates, c_prev, tanh_c, dh, dhs, dc):

@@ -85,11 +85,11 @@ class Recurrence(torch.autograd.Function):
                 xm, xz, hm, gates, hs, cs, hs[1:], cs[1:], tanh_cs):
             # m_t = (W_mx x_t) * (W_mh h_{t-1})
             m = xm_t * torch.mm(h_prev, wmh, out=hm_t)
-            # z_t = W_x x_t + W_h m_t + b
-            torch.addmm(xz_t, m, wh, out=z)
-            if fused:  # the gate math below in one kernel
-                kernels.forward_step(z, c_prev, c, tanh_c, h)
+            if fused:  # z_t's sum and the gate math below in one kernel
+                kernels.forward_step(torch.mm(m, wh, out=z), xz_t, c_prev, c, tanh_c, h)
             else:
+                # z_t = W_x x_t + W_h m_t + b
+                torch.addmm(xz_t, m, wh, out=z)
                 # i, f, o = sigmoid(.);  u = tanh(.)   -- in place: backward needs the gates, not z
                 z[:, : 3 * H].sigmoid_()
                 z[:, 3 * H :].tanh_()
