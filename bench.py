@@ -251,6 +251,9 @@ def main(a):
         torch.cuda.set_device(device)
     name = (f"{torch.cuda.get_device_name(device)}, cuDNN {torch.backends.cudnn.version()}" if device.type == "cuda"
             else f"cpu, {torch.get_num_threads()} threads")
+    if any("triton" in k for k in a.only):
+        import triton
+        name += f", Triton {triton.__version__}"
     config = dict(hidden=a.hidden, batch_size=a.batch_size, seq_len=a.seq_len, dtype=a.dtype, steps=a.steps,
                   warmup_steps=a.warmup_steps, peak_tflops=a.peak_tflops, device=name, torch=torch.__version__)
     print(f"{name} | torch {torch.__version__} | hidden {a.hidden}, batch {a.batch_size}, seq {a.seq_len}, {a.dtype} | "
