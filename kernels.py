@@ -5,10 +5,10 @@ leave is elementwise. mlstm.Recurrence spends, per timestep, six small kernels f
 (plus ten over all timesteps) on the gate math of `mlstm.cell` (sigmoid, tanh, the products of c and h),
 each reading and writing [B, H] or [B, 4H] tensors, most of them column slices of z that torch runs
 unvectorised; elementwise kernels, mostly these, take 39% of the kernel time of a 4096-d step on an H100
-(BENCHMARKS.md). Here each direction is one kernel that reads
-its inputs once, computes in float32 registers and writes once. mlstm.Recurrence calls them in place of
-its plain-torch lines when fused=True, which stay the readable reference that tests/test_kernels.py
-compares these with (on a CPU in Triton's interpreter, TRITON_INTERPRET=1; on a GPU compiled).
+(BENCHMARKS.md). Here each direction is one kernel that reads its inputs once, computes in float32
+registers and writes once. mlstm.Recurrence calls them in place of its plain-torch lines when fused=True;
+those stay the readable reference that tests/test_kernels.py compares these with (on a CPU in Triton's
+interpreter, TRITON_INTERPRET=1, and compiled for the H100 to check the PTX; on a GPU compiled and run).
 
 One program per (batch row b, block of BLOCK hidden units j); [B, 4H] rows hold the gates i | f | o | u.
 
@@ -63,6 +63,7 @@ def _backward(dz, gates, c_prev, tanh_c, dh, dhs, dhs_row, dhs_col, dc, dc_prev,
     f = tl.load(gates + gb + H, mask=mask).to(tl.float32)
     o = tl.load(gates + gb + 2 * H, mask=mask).to(tl.float32)
     u = tl.load(gates + gb + 3 * H, mask=mask).to(tl.float32)
+    cp = tl.load(c_prev + s, mask=mask).to(tl.float32)
     tc = tl.load(tanh_c + s, mask=mask).to(tl.float32)
     # dh_t = dL/dh_t (from the output; any strides, e.g. a transposed [B, T, H] gradient) + dh_t (from t+1)
     dh_t = tl.load(dh + s, mask=mask).to(tl.float32) + tl.load(dhs + b * dhs_row + j * dhs_col, mask=mask).to(tl.float32)
@@ -71,7 +72,7 @@ def _backward(dz, gates, c_prev, tanh_c, dh, dhs, dhs_row, dhs_col, dc, dc_prev,
     dtype = dz.dtype.element_ty
     # dz_i = dc_t * u i(1-i);  dz_f = dc_t * c_{t-1} f(1-f);  dz_o = dh_t * tanh(c_t) o(1-o);  dz_u = dc_t * i (1-u^2)
     tl.store(dz + gb, (dc_t * u * i * (1 - i)).to(dtype), mask=mask)
-    tl.store(dz + gb + H, (dc_t * tl.load(c_prev + s, mask=mask).to(tl.float32) * f * (1 - f)).to(dtype), mask=mask)
+    tl.store(dz + gb + H, (dc_t * cp * f * (1 - f)).to(dtype), mask=mask)
     tl.store(dz + gb + 2 * H, (dh_t * tc * o * (1 - o)).to(dtype), mask=mask)
     tl.store(dz + gb + 3 * H, (dc_t * i * (1 - u * u)).to(dtype), mask=mask)
     # dc_{t-1} = dc_t * f_t
@@ -93,8 +94,9 @@ def forward_step(z, xz, c_prev, c, tanh_c, h):
 
 
 def backward_step(dz, gates, c_prev, tanh_c, dh, dhs, dc):
-    """One reverse step's gate math: writes dz_t [B, 4H]; returns dc_{t-1} [B, H]. dh (from step t+1)
-    and dhs (dL/dh_t from the output, any strides) are added here; dh and dc may be any [B, H]."""
+    """One reverse step's gate math: writes dz_t [B, 4H] (dz may be gates itself: every element is read
+    before it is written); returns dc_{t-1} [B, H]. dh (from step t+1) and dhs (dL/dh_t from the output,
+    any strides) are added here; dh and dc may be any [B, H]."""
     B, H = dc.shape
     dh, dc = dh.contiguous(), dc.contiguous()  # no-ops but for the final state's gradients
     dc_prev = torch.empty_like(dc)
