@@ -1,6 +1,6 @@
 """Training throughput of the mLSTM step, side by side with the plain eager loop and cuDNN's LSTM.
 
-For one hidden size, batch, sequence length and dtype on one device, up to four rows:
+For one hidden size, batch, sequence length and dtype on one device, up to six rows:
   ours   the training step exactly as train.py takes it: MLSTM forward from the state carried over from
          the previous window, loss in float32, fp16.MixedPrecision backward and step (Adam, clipping at 1).
   graph  ours with train.py --cuda-graph: the recurrent loop's forward and backward replayed as CUDA graphs
@@ -280,7 +280,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (allocator, cuDNN plans)")
     p.add_argument("--peak-tflops", type=float, help="the device's dense peak for --dtype (None: PEAKS by GPU name)")
     p.add_argument("--only", help="comma-separated rows, from " + ",".join(KINDS) + " (default: all; " +
-                   ",".join(CUDA_ONLY) + " on CUDA)")
+                   ",".join(CUDA_ONLY) + " on CUDA, the triton ones where Triton is installed)")
     p.add_argument("--json", metavar="OUT", help="also write the config and rows here")
     a = p.parse_args(argv)
     a.hidden = PRESETS.get(a.hidden) or (int(a.hidden) if a.hidden.isdigit() else p.error(
@@ -302,13 +302,15 @@ def parse_args(argv=None):
         p.error("--device cuda: no CUDA device is available")
     if device.type not in ("cpu", "cuda"):
         p.error("--device must be cpu or cuda")
-    a.only = a.only.split(",") if a.only else [k for k in KINDS if k not in CUDA_ONLY or device.type == "cuda"]
+    has_triton = importlib.util.find_spec("triton") is not None
+    a.only = a.only.split(",") if a.only else [k for k in KINDS if (k not in CUDA_ONLY or device.type == "cuda")
+                                               and ("triton" not in k or has_triton)]
     if not set(a.only) <= set(KINDS) or len(set(a.only)) != len(a.only):
         p.error(f"--only takes distinct names from {','.join(KINDS)}, got {','.join(a.only)}")
     fast = [k for k in a.only if k in CUDA_ONLY]
     if fast and device.type != "cuda":
         p.error(f"--only {','.join(fast)}: CUDA graphs and Triton kernels need --device cuda")
-    if any("triton" in k for k in a.only) and not importlib.util.find_spec("triton"):
+    if any("triton" in k for k in a.only) and not has_triton:
         p.error("--only ...triton: needs the triton package (torch's CUDA wheels install it)")
     return a
 
