@@ -66,7 +66,8 @@ def _backward(dz, gates, c_prev, tanh_c, dh, dhs, dhs_row, dhs_col, dc, dc_prev,
     cp = tl.load(c_prev + s, mask=mask).to(tl.float32)
     tc = tl.load(tanh_c + s, mask=mask).to(tl.float32)
     # dh_t = dL/dh_t (from the output; any strides, e.g. a transposed [B, T, H] gradient) + dh_t (from t+1)
-    dh_t = tl.load(dh + s, mask=mask).to(tl.float32) + tl.load(dhs + b * dhs_row + j * dhs_col, mask=mask).to(tl.float32)
+    dhs_t = tl.load(dhs + b * dhs_row + j * dhs_col, mask=mask).to(tl.float32)
+    dh_t = tl.load(dh + s, mask=mask).to(tl.float32) + dhs_t
     # dc_t = dc_t (from t+1) + dh_t * o (1 - tanh^2(c_t))
     dc_t = tl.load(dc + s, mask=mask).to(tl.float32) + dh_t * o * (1 - tc * tc)
     dtype = dz.dtype.element_ty

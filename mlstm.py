@@ -244,8 +244,9 @@ class MLSTM(nn.Module):
         """recurrence(*args) replayed from two CUDA graphs (its forward and its backward).
 
         At H = 1024 the loop's ~17 small kernels per timestep take longer to launch from Python than to
-        run; a graph launches them all in one call (3.3x faster steps on an H100 at batch 256). Captured on first use for each shape (as warm-up
-        steps plus a capture: a few steps' time), then each call copies its inputs into the graph's own.
+        run; a graph launches them all in one call (3.3x faster steps on an H100 at batch 256). Captured on
+        first use for each shape (as warm-up steps plus a capture: a few steps' time), then each call copies
+        its inputs into the graph's own.
         Its outputs live in the graph's memory, so each forward's backward must run before the next
         forward, as in train.py's loop; state carried between windows is copied in, so it is safe.
         """
