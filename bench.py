@@ -195,7 +195,7 @@ def measure(kind, hidden, batch, seq_len, dtype="fp32", device="cpu", steps=10, 
         mp = fp16.MixedPrecision(model, dtype)
         if kind == "lstm":  # the dtype conversion left cuDNN's weights in pieces: one buffer again, not a copy per call
             model.lstm.flatten_parameters()
-        opt = torch.optim.Adam(mp.masters, lr=1e-4)
+        opt = mp.optimizer(1e-4)
         x, y = torch.randint(0, 256, (2, batch, seq_len), device=device)
         shape = (1, batch, hidden) if kind == "lstm" else (batch, hidden)
         state = tuple(torch.zeros(shape, device=device, dtype=fp16.DTYPES[dtype]) for _ in "hc")
@@ -207,7 +207,7 @@ def measure(kind, hidden, batch, seq_len, dtype="fp32", device="cpu", steps=10, 
             sync()
             if k >= warmup:
                 times.append(time.perf_counter() - t0)
-        skipped = mp.skipped
+        skipped = int(mp.skipped)
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
         return row  # the failed step's tensors go with this frame; the next row's empty_cache frees them

@@ -48,10 +48,18 @@ def scaled_lr(lr, rule, batch):
 
 
 def lr_at(step, peak, warmup, total):
-    """Linear warmup from 0 over `warmup` steps, then linear decay to 0 at `total`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * max(0.0, (total - step) / max(1, total - warmup))
+    """Linear warmup from 0 over `warmup` steps, then linear decay to 0 at `total`. A float32 tensor, on
+    the device of `step` when that is a tensor (train.py's count of taken steps, kept on the GPU)."""
+    step = torch.as_tensor(step)
+    warm = peak * (step + 1) / max(1, warmup)
+    decay = (peak * (total - step) / max(1, total - warmup)).clamp(min=0.0)
+    return torch.where(step < warmup, warm, decay).float()
+
+
+def to_device(a, device):
+    """A host array to the device; on CUDA through pinned memory, so that the copy does not wait for the GPU."""
+    t = torch.from_numpy(a)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 @torch.no_grad()
@@ -233,7 +241,7 @@ def main(cfg):
     mp = fp16.MixedPrecision(model, cfg["dtype"], cfg["loss_scale"], cfg["scale_growth"],
                              dynamic=not cfg["static_loss_scale"])
     model.cuda_graph, model.triton = cfg["cuda_graph"], cfg["triton"]
-    opt = torch.optim.Adam(mp.masters, lr=peak)
+    opt = mp.optimizer(peak)
     reduce = distributed.GradReducer(cfg["bucket_mb"], torch.float32 if cfg["comm_fp32"] else None)
     step, local = 0, B // d.world
     state = model.zero_state(local)
@@ -264,14 +272,13 @@ def main(cfg):
                                  f"last checkpoint is in {cfg['out']} (step {last_ok})")
 
     loss_sum, n_loss, t0, last_ok = torch.zeros((), device=d.device), 0, time.time(), step
-    t_start, step_start, skipped_before = t0, step, mp.skipped
+    t_start, step_start, skipped_before = t0, step, mp.state_dict()["skipped"]
     while step < end:
         if loader.window(step) == 0:  # the streams restart at each epoch: so does the state
             state = model.zero_state(local)
-        x, y = (torch.from_numpy(a).to(d.device, non_blocking=True) for a in loader.batch(step))
+        x, y = (to_device(a, d.device) for a in loader.batch(step))
         lr = lr_at(step - mp.skipped, peak, cfg["warmup"], total)  # a skipped step does not advance the schedule
-        for group in opt.param_groups:
-            group["lr"] = lr
+        opt.param_groups[0]["lr"].copy_(lr)
         logits, state = model(x, state)
         state = detach_state(state)
         loss = loss_fn(logits, y)
@@ -282,23 +289,25 @@ def main(cfg):
         step += 1
         if step % cfg["log_every"] == 0 or step == end:
             mean = distributed.all_reduce_mean(loss_sum / n_loss).item()
+            sc = mp.state_dict()  # the loss scale and counts, read back from the device at log time only
             # fp16: the scaler halves S on overflow; S at its floor of 1 (dynamic), or a static S with every step
             # since the last log skipped, has nothing left to rescue: that is divergence too.
-            stuck = mp.scale <= 1.0 and mp.good_steps == 0 if mp.dynamic else mp.skipped - skipped_before == n_loss
-            diverged = not mean < DIVERGED_LOSS or (mp.skipped and (cfg["dtype"] != "fp16" or stuck))
+            stuck = (sc["scale"] <= 1.0 and sc["good_steps"] == 0 if mp.dynamic
+                     else sc["skipped"] - skipped_before == n_loss)
+            diverged = not mean < DIVERGED_LOSS or (sc["skipped"] and (cfg["dtype"] != "fp16" or stuck))
             if diverged:
-                raise SystemExit(f"error: training diverged at step {step} (loss {mean}, {mp.skipped} skipped "
-                                 f"steps, loss scale {mp.scale:g}); the last good checkpoint is in {cfg['out']} "
+                raise SystemExit(f"error: training diverged at step {step} (loss {mean}, {sc['skipped']} skipped "
+                                 f"steps, loss scale {sc['scale']:g}); the last good checkpoint is in {cfg['out']} "
                                  f"(step {last_ok}). Lower --lr or raise --warmup.")
             dt = time.time() - t0
             cps = n_loss * B * T / dt
             eta = (end - step) * (time.time() - t_start) / (step - step_start)
-            log(f"step {step}/{total} | loss {mean:.3f} | bpc {mean / math.log(2):.3f} | lr {lr:.2e} | "
-                f"scale {mp.scale:g} | skipped {mp.skipped} | {1000 * dt / n_loss:.0f} ms | "
+            log(f"step {step}/{total} | loss {mean:.3f} | bpc {mean / math.log(2):.3f} | lr {float(lr):.2e} | "
+                f"scale {sc['scale']:g} | skipped {sc['skipped']} | {1000 * dt / n_loss:.0f} ms | "
                 f"{cps / 1e6:.3g}M chars/s | eta {duration(eta)}")
-            record({"step": step, "loss": mean, "bpc": mean / math.log(2), "lr": lr, "grad_norm": grad_norm.item(),
-                    "scale": mp.scale, "skipped": mp.skipped, "chars_per_s": cps})
-            loss_sum, n_loss, t0, skipped_before = torch.zeros((), device=d.device), 0, time.time(), mp.skipped
+            record({"step": step, "loss": mean, "bpc": mean / math.log(2), "lr": float(lr),
+                    "grad_norm": grad_norm.item(), "scale": sc["scale"], "skipped": sc["skipped"], "chars_per_s": cps})
+            loss_sum, n_loss, t0, skipped_before = torch.zeros((), device=d.device), 0, time.time(), sc["skipped"]
             if step % cfg["save_every"] == 0 or step == end:
                 checkpoint()
                 last_ok = step

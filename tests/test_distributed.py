@@ -188,7 +188,7 @@ def overflow_worker(rank):
         mp16.backward(loss_fn(model(x)[0], y))
         if step == 1 and rank == 1:
             model.wh.grad[0, 0] = float("inf")  # this rank alone overflows
-        taken.append(mp16.step(opt, 1.0, reduce)[1])
+        taken.append(bool(mp16.step(opt, 1.0, reduce)[1]))
         masters.append([m.detach().clone() for m in mp16.masters])
     return {"taken": taken, "masters": masters, **mp16.state_dict()}
 

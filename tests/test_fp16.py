@@ -68,9 +68,9 @@ def test_masters_are_float32_and_the_compute_model_half():
         assert all(m.dtype == torch.float32 and torch.equal(m, r) for m, r in zip(mp.masters, ref))
         assert all(p is q for p, q in zip(model.parameters(), mp.params)), "the model's own parameters compute"
         assert all(p.dtype == compute and torch.equal(p, r.to(compute)) for p, r in zip(mp.params, ref))
-        assert mp.scale == (2.0**16 if dtype == "fp16" else 1.0)
+        assert float(mp.scale) == (2.0**16 if dtype == "fp16" else 1.0)
     model, mp = tiny("fp32")
-    assert mp.masters is mp.params and mp.scale == 1.0
+    assert mp.masters is mp.params and float(mp.scale) == 1.0
 
 
 def test_underflow_is_lost_without_scaling_and_survives_with_it():
@@ -89,9 +89,16 @@ def test_underflow_is_lost_without_scaling_and_survives_with_it():
     assert rel < 1e-3, f"scaled gradient {got[2.0**16]} vs float64 {want}: max relative diff {rel}"  # fp16: 2^-11
 
 
-def test_overflow_skips_the_step_bit_identically_and_halves_the_scale():
+# Two ways to skip: the host reads the overflow flag and does not call a plain optimizer (one sync), or
+# fused Adam (MixedPrecision.optimizer, what train.py uses) reads the flag on the device (no sync).
+OPTIMIZERS = {"host": lambda mp, lr: torch.optim.Adam(mp.masters, lr=lr, foreach=False),
+              "device": lambda mp, lr: mp.optimizer(lr)}
+
+
+@pytest.mark.parametrize("skip", OPTIMIZERS)
+def test_overflow_skips_the_step_bit_identically_and_halves_the_scale(skip):
     model, mp = tiny("fp16", init_scale=1024.0)
-    opt = torch.optim.Adam(mp.masters, lr=1e-2)
+    opt = OPTIMIZERS[skip](mp, 1e-2)
     for _ in range(2):  # Adam's moments and step counts exist and are nonzero
         assert train_step(model, mp, opt)[1]
     for k, bad in enumerate((INF, float("nan"))):
@@ -101,7 +108,7 @@ def test_overflow_skips_the_step_bit_identically_and_halves_the_scale():
         assert not taken and not torch.isfinite(norm)
         for what, b, a in zip(("masters", "fp16 params", "optimizer state"), before, after):
             assert identical(b, a), f"{what} changed on a skipped step ({bad} injected)"
-        assert mp.scale == 1024.0 / 2 ** (k + 1) and mp.skipped == k + 1 and mp.good_steps == 0
+        assert mp.state_dict() == {"scale": 1024.0 / 2 ** (k + 1), "good_steps": 0, "skipped": k + 1}
         assert all(p.grad is None for p in mp.params + mp.masters)
     assert train_step(model, mp, opt)[1] and not identical(before[0], mp.masters), "the next good step moves"
 
@@ -112,21 +119,22 @@ def test_scale_doubles_after_exactly_growth_interval_good_steps():
     scales = []
     for k in range(20):
         train_step(model, mp, opt, inject=INF if k == 7 else None)
-        scales.append(mp.scale)
+        scales.append(float(mp.scale))
     # Steps 1..5 good: S doubles at step 5, not before. The overflow at step 8 halves S and restarts the
     # count: 5 more good steps (9..13) double it at 13, 5 more at 18.
     want = [4.0] * 4 + [8.0] * 3 + [4.0] * 5 + [8.0] * 5 + [16.0] * 3
     assert scales == want, f"scales {scales} vs {want}"
 
 
-def test_scale_sequence_equals_torch_amp_gradscaler():
+@pytest.mark.parametrize("skip", OPTIMIZERS)
+def test_scale_sequence_equals_torch_amp_gradscaler(skip):
     overflow = {0, 1, 2, 6, 7, 14, 15, 16, 17, 24, 31}  # scripted: a burst at the start, then scattered
     torch.manual_seed(0)
     ref = torch.nn.Linear(4, 2)
     model = copy.deepcopy(ref)
     mp = MixedPrecision(model, "fp16", init_scale=2.0**16, growth_interval=3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5, growth_interval=3)
-    opt_ref, opt = torch.optim.SGD(ref.parameters(), lr=0.1), torch.optim.SGD(mp.masters, lr=0.1)
+    opt_ref, opt = torch.optim.Adam(ref.parameters(), lr=0.1, foreach=False), OPTIMIZERS[skip](mp, 0.1)
     x = torch.randn(8, 4)
     ours, theirs, taken_ours, taken_theirs = [], [], [], []
     for k in range(36):
@@ -143,18 +151,55 @@ def test_scale_sequence_equals_torch_amp_gradscaler():
         mp.backward(model(x.half()).float().square().mean())
         if bad:
             mp.params[0].grad[0, 0] = bad
-        taken_ours.append(mp.step(opt)[1])
-        ours.append(mp.scale)
+        taken_ours.append(bool(mp.step(opt)[1]))
+        ours.append(float(mp.scale))
     assert ours == theirs, f"scales: ours {ours} vs GradScaler {theirs}"
     assert taken_ours == taken_theirs == [k not in overflow for k in range(36)]
     assert len(set(ours)) > 3, "the script should move the scale both ways"
 
 
+def test_skipping_on_the_device_equals_skipping_on_the_host():
+    overflow = {1, 2, 5, 9}
+    runs = {}
+    for skip, make in OPTIMIZERS.items():
+        model, mp = tiny("fp16", init_scale=2.0**12, growth_interval=2)
+        opt = make(mp, 1e-2)
+        taken = [bool(train_step(model, mp, opt, inject=INF if k in overflow else None)[1]) for k in range(12)]
+        runs[skip] = taken, mp.state_dict(), torch.cat([m.detach().flatten() for m in mp.masters])
+    (taken_h, state_h, w_h), (taken_d, state_d, w_d) = runs["host"], runs["device"]
+    assert taken_h == taken_d == [k not in overflow for k in range(12)], f"taken {taken_h} vs {taken_d}"
+    assert state_h == state_d, f"scaler state {state_h} vs {state_d}"
+    # fused and single-tensor Adam round differently (measured: max diff 6e-8, weights up to 4.1)
+    diff = (w_h - w_d).abs().max().item()
+    assert diff <= 1e-6 * w_h.abs().max().item(), f"device vs host skipping: max weight diff {diff}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_training_step_never_waits_for_the_gpu():
+    torch.manual_seed(0)
+    model = MLSTM(hidden=64, embed=16).cuda()
+    mp = MixedPrecision(model, "fp16", init_scale=2.0**30, growth_interval=2)  # 2^30 overflows at first
+    opt = mp.optimizer(1e-3)
+    x = torch.randint(0, 256, (4, 17), device="cuda")
+    state = None
+    for step in range(6):
+        torch.cuda.set_sync_debug_mode("error")  # any host sync in here raises
+        try:
+            opt.param_groups[0]["lr"].copy_(train.lr_at(step - mp.skipped, 1e-3, 2, 6))
+            logits, state = model(x[:, :-1], state)
+            state = detach_state(state)
+            mp.backward(loss_fn(logits, x[:, 1:]))
+            mp.step(opt, clip=1.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert mp.state_dict()["skipped"] > 0, "the first steps should overflow and be skipped"
+
+
 def test_static_scale_never_changes(tmp_path):
     model, mp = tiny("fp16", init_scale=1024.0, growth_interval=2, dynamic=False)
     opt = torch.optim.SGD(mp.masters, lr=1e-3)
-    taken = [train_step(model, mp, opt, inject=INF if k in (3, 4) else None)[1] for k in range(8)]
-    assert taken == [True] * 3 + [False] * 2 + [True] * 3 and mp.scale == 1024.0, "overflows skip, S stays"
+    taken = [bool(train_step(model, mp, opt, inject=INF if k in (3, 4) else None)[1]) for k in range(8)]
+    assert taken == [True] * 3 + [False] * 2 + [True] * 3 and float(mp.scale) == 1024.0, "overflows skip, S stays"
     m = run(tmp_path, "s", "--iters", "6", "--dtype", "fp16", "--static-loss-scale", "--loss-scale", "1024",
             "--scale-growth", "2")
     assert [e["scale"] for e in m if "scale" in e] == [1024.0] * 6
@@ -220,7 +265,7 @@ def test_skipped_steps_do_not_advance_the_lr_schedule(tmp_path):
                         str(2**24)) if "loss" in e]
     skipped_before = [0] + [e["skipped"] for e in m[:-1]]
     assert m[-1]["skipped"] >= 3, f"expected early overflows, got {m[-1]['skipped']} skipped steps"
-    want = [train.lr_at(k - s, 2e-3, 8, 10) for k, s in enumerate(skipped_before)]
+    want = [float(train.lr_at(k - s, 2e-3, 8, 10)) for k, s in enumerate(skipped_before)]
     assert [e["lr"] for e in m] == pytest.approx(want, rel=1e-12), f"lr {[e['lr'] for e in m]} vs {want}"
 
 

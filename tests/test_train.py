@@ -35,12 +35,12 @@ def losses(metrics):
 
 def test_lr_schedule_warmup_and_linear_decay():
     peak, warmup, total = 1e-3, 10, 110
-    assert train.lr_at(0, peak, warmup, total) == pytest.approx(1e-4)
-    assert train.lr_at(9, peak, warmup, total) == pytest.approx(peak)  # warmup ends at the peak
-    assert train.lr_at(10, peak, warmup, total) == pytest.approx(peak)
-    assert train.lr_at(60, peak, warmup, total) == pytest.approx(peak / 2)  # halfway through the decay
-    assert train.lr_at(110, peak, warmup, total) == 0.0
-    assert train.lr_at(0, peak, 0, 100) == pytest.approx(peak)
+    assert float(train.lr_at(0, peak, warmup, total)) == pytest.approx(1e-4)
+    assert float(train.lr_at(9, peak, warmup, total)) == pytest.approx(peak)  # warmup ends at the peak
+    assert float(train.lr_at(10, peak, warmup, total)) == pytest.approx(peak)
+    assert float(train.lr_at(60, peak, warmup, total)) == pytest.approx(peak / 2)  # halfway through the decay
+    assert float(train.lr_at(110, peak, warmup, total)) == 0.0
+    assert float(train.lr_at(0, peak, 0, 100)) == pytest.approx(peak)
 
 
 def test_lr_scaling_rules_from_batch_128():
