@@ -246,7 +246,11 @@ def main(cfg):
     step, local = 0, B // d.world
     state = model.zero_state(local)
     if ckpt:
-        opt.load_state_dict(ckpt["optimizer"])
+        # Adam's moments and step counts resume; its settings are this run's: the device lr tensor and the fused
+        # flag (a checkpoint from before fused Adam holds a float lr and no flag).
+        saved = ckpt["optimizer"]["param_groups"]
+        groups = [{**g, "params": s["params"]} for g, s in zip(opt.state_dict()["param_groups"], saved)]
+        opt.load_state_dict({"state": ckpt["optimizer"]["state"], "param_groups": groups})
         mp.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
         step = ckpt["step"]

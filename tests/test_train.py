@@ -80,6 +80,19 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert diff == 0.0, f"parameters differ by {diff}"
 
 
+def test_resume_from_a_checkpoint_of_plain_adam(tmp_path):
+    # Checkpoints written before train.py used fused Adam hold a float lr and no fused flag: they still resume.
+    straight = losses(run(tmp_path, "straight", "--iters", "6"))
+    first = losses(run(tmp_path, "resumed", "--iters", "6", "--stop-at", "3"))
+    path = tmp_path / "resumed" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["optimizer"]["param_groups"] = [{**g, "lr": 2e-3, "fused": None} for g in ckpt["optimizer"]["param_groups"]]
+    torch.save(ckpt, path)
+    second = losses(run(tmp_path, "resumed", "--iters", "6", "--resume"))[3:]
+    diff = max(abs(a - b) for a, b in zip(first + second, straight))
+    assert len(first + second) == 6 and diff == 0.0, f"resumed {first + second} vs straight {straight}"
+
+
 def test_resume_with_another_config_is_refused(tmp_path):
     run(tmp_path, "a", "--iters", "2")
     with pytest.raises(SystemExit, match="another configuration.*hidden"):
