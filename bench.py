@@ -2,7 +2,7 @@
 
 For one hidden size, batch, sequence length and dtype on one device, up to six rows:
   ours   the training step exactly as train.py takes it: MLSTM forward from the state carried over from
-         the previous window, loss in float32, fp16.MixedPrecision backward and step (Adam, clipping at 1).
+         the previous window, loss in float32, fp16.MixedPrecision backward and step (fused Adam, clipping at 1).
   graph  ours with train.py --cuda-graph: the recurrent loop's forward and backward replayed as CUDA graphs
          (CUDA only; captured during the warm-up steps).
   triton ours with train.py --triton: each step's gate math as one fused Triton kernel per direction
@@ -14,7 +14,7 @@ For one hidden size, batch, sequence length and dtype on one device, up to six r
          between the same byte embedding and output layer. It has fewer FLOPs per character (4H^2 against
          the mLSTM's 5H^2 recurrent), so compare it by FLOP rate rather than characters/s. In bf16, torch
          runs it on cuDNN only from cuDNN 9.13 (the header prints the version), else on its own per-step cells.
-All take the same MixedPrecision step with Adam; only the model differs. Per row: step time (median of
+All take the same MixedPrecision step with fused Adam; only the model differs. Per row: step time (median of
 --steps timed steps after --warmup-steps, the device synchronised before and after each), characters/s
 (B*T / step time), model FLOPs per character from the layer sizes (flops_per_char), achieved TFLOP/s, MFU
 against the device's dense peak for the dtype (PEAKS by GPU name, or --peak-tflops; n/a on CPU without it),
