@@ -1,12 +1,14 @@
 """Training throughput of the mLSTM step, side by side with the plain eager loop and cuDNN's LSTM.
 
-For one hidden size, batch, sequence length and dtype on one device, up to six rows:
+For one hidden size, batch, sequence length and dtype on one device, up to seven rows:
   ours   the training step exactly as train.py takes it: MLSTM forward from the state carried over from
          the previous window, loss in float32, fp16.MixedPrecision backward and step (fused Adam, clipping at 1).
   graph  ours with train.py --cuda-graph: the recurrent loop's forward and backward replayed as CUDA graphs
          (CUDA only; captured during the warm-up steps).
   triton ours with train.py --triton: each step's gate math as one fused Triton kernel per direction
          (kernels.py; CUDA only). graph-triton: both flags.
+  recompute  ours with train.py --recompute S (--recompute here, default 32): activation checkpointing in
+         segments of S timesteps, less memory for one more forward of the loop (mlstm.recomputed).
   plain  the same model written the obvious way: nn.Linear layers under torch's weight-norm
          parametrization (recomputed at every use, so every timestep), a Python loop over time doing
          everything per step. Same math: tests/test_bench.py checks its loss equals ours on the same weights.
@@ -44,7 +46,7 @@ import torch.nn as nn
 import fp16
 from mlstm import MLSTM, PRESETS, detach_state, loss_fn
 
-KINDS = ("ours", "graph", "triton", "graph-triton", "plain", "lstm")
+KINDS = ("ours", "graph", "triton", "graph-triton", "recompute", "plain", "lstm")
 CUDA_ONLY = ("graph", "triton", "graph-triton")
 
 # Dense (no sparsity) peak TFLOP/s per dtype from the vendors' datasheets. The first name found in
@@ -142,7 +144,8 @@ def fast(hidden, cuda_graph, triton):
 
 
 MODELS = {"ours": MLSTM, "graph": lambda h: fast(h, True, False), "triton": lambda h: fast(h, False, True),
-          "graph-triton": lambda h: fast(h, True, True), "plain": plain_like_ours, "lstm": LSTMLM}  # by hidden size
+          "graph-triton": lambda h: fast(h, True, True), "recompute": MLSTM, "plain": plain_like_ours,
+          "lstm": LSTMLM}  # by hidden size; measure() sets the recompute row's segment
 
 
 def train_step(model, mp, opt, x, y, state):
@@ -173,7 +176,8 @@ def max_rss_mib():
     return kib / 2**20 if sys.platform == "darwin" else kib / 2**10
 
 
-def measure(kind, hidden, batch, seq_len, dtype="fp32", device="cpu", steps=10, warmup=3, peak=None, seed=0):
+def measure(kind, hidden, batch, seq_len, dtype="fp32", device="cpu", steps=10, warmup=3, peak=None, seed=0,
+            segment=32):
     """One row of the table, as a dict; numbers None and `error` set when the device ran out of memory."""
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -192,6 +196,8 @@ def measure(kind, hidden, batch, seq_len, dtype="fp32", device="cpu", steps=10, 
     try:
         torch.manual_seed(seed)
         model = MODELS[kind](hidden).to(device)
+        if kind == "recompute":
+            model.recompute = segment
         mp = fp16.MixedPrecision(model, dtype)
         if kind == "lstm":  # the dtype conversion left cuDNN's weights in pieces: one buffer again, not a copy per call
             model.lstm.flatten_parameters()
@@ -255,11 +261,12 @@ def main(a):
         import triton
         name += f", Triton {triton.__version__}"
     config = dict(hidden=a.hidden, batch_size=a.batch_size, seq_len=a.seq_len, dtype=a.dtype, steps=a.steps,
-                  warmup_steps=a.warmup_steps, peak_tflops=a.peak_tflops, device=name, torch=torch.__version__)
+                  warmup_steps=a.warmup_steps, recompute=a.recompute, peak_tflops=a.peak_tflops, device=name,
+                  torch=torch.__version__)
     print(f"{name} | torch {torch.__version__} | hidden {a.hidden}, batch {a.batch_size}, seq {a.seq_len}, {a.dtype} | "
           f"median of {a.steps} steps after {a.warmup_steps} warm-up", flush=True)
     rows = add_ratios([measure(k, a.hidden, a.batch_size, a.seq_len, a.dtype, device, a.steps, a.warmup_steps,
-                               a.peak_tflops) for k in a.only])
+                               a.peak_tflops, segment=a.recompute) for k in a.only])
     print(table(rows))
     print(f"peak MiB: {rows[0]['mem']}" + "".join(f"; {r['kind']}: {r['error']}" for r in rows if r["error"]))
     if a.json:
@@ -276,6 +283,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--dtype", choices=list(fp16.DTYPES), default="fp32")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--recompute", type=int, default=32, metavar="S", help="the recompute row's segment (timesteps)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (allocator, cuDNN plans)")
     p.add_argument("--peak-tflops", type=float, help="the device's dense peak for --dtype (None: PEAKS by GPU name)")
@@ -285,7 +293,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.hidden = PRESETS.get(a.hidden) or (int(a.hidden) if a.hidden.isdigit() else p.error(
         f"--hidden must be an integer or one of {list(PRESETS)}"))
-    for name in ("hidden", "batch_size", "seq_len", "steps"):
+    for name in ("hidden", "batch_size", "seq_len", "recompute", "steps"):
         if getattr(a, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if a.warmup_steps < 0:

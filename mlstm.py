@@ -20,6 +20,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # Sizes from the papers: Radford et al. and Puri et al. train 4096 units; Puri et al. also 8192.
 PRESETS = {"demo": 256, "small": 1024, "paper": 4096, "large": 8192}
@@ -179,6 +180,21 @@ def recurrence(e, wx, b, wmx, wh, wmh, h0, c0, fused=False):
     return Recurrence.apply(*input_products(e, wx, b, wmx), h0, c0, wh, wmh, fused)
 
 
+def recomputed(e, wx, b, wmx, wh, wmh, h, c, segment, fused=False):
+    """`recurrence` with activation checkpointing (train.py --recompute), in segments of `segment` timesteps.
+
+    Recurrence saves 9 [B, H]-sized tensors per timestep for its backward (xm, W_mh h, 4 gates, h, c, tanh c)
+    and allocates 6 more there (dz, dm, d(W_mh h)). Here the forward keeps only each segment's input state and
+    the outputs hs; backward re-runs one segment's forward at a time from its state, then its backward. Costs
+    one more forward of the loop: +2 of the 6 recurrent GEMMs per timestep."""
+    hs = []
+    for e_seg in e.split(segment):  # [segment, B, E]
+        out, h, c = checkpoint(recurrence, e_seg, wx, b, wmx, wh, wmh, h, c, fused,
+                               use_reentrant=False, preserve_rng_state=False)  # no randomness to replay
+        hs.append(out)
+    return torch.cat(hs), h, c  # [T, B, H]
+
+
 class MLSTM(nn.Module):
     def __init__(self, hidden=256, embed=64, vocab=256, weight_norm=True):
         super().__init__()
@@ -187,6 +203,8 @@ class MLSTM(nn.Module):
         self.cuda_graph, self.graphs = False, {}
         # train.py --triton: Recurrence's gate math as kernels.py's Triton kernels.
         self.triton = False
+        # train.py --recompute: segment length for activation checkpointing (see recomputed); 0 is off.
+        self.recompute = 0
         H, E = hidden, embed
         self.embed = nn.Embedding(vocab, E)
         # Stored [in, out] as in the reference, so that the products read x @ wx.
@@ -224,7 +242,12 @@ class MLSTM(nn.Module):
         e = self.embed(x.t())  # [T, B, E]
         if torch.is_grad_enabled() and not return_cells:  # training: the hand-written backward
             args = (e, wx, self.b, wmx, wh, wmh, h, c)
-            hs, h, c = self.graphed(args) if self.cuda_graph and e.is_cuda else recurrence(*args, self.triton)
+            if self.cuda_graph and e.is_cuda:
+                hs, h, c = self.graphed(args)
+            elif self.recompute:
+                hs, h, c = recomputed(*args, self.recompute, self.triton)
+            else:
+                hs, h, c = recurrence(*args, self.triton)
             return hs.transpose(0, 1), None, (h, c)  # hs [B, T, H]
         # Inference (or return_cells): the loop of `cell`, under autograd when gradients are on.
         xm, xz = input_products(e, wx, self.b, wmx)  # [T, B, H], [T, B, 4H]

@@ -9,6 +9,7 @@ gradient clipping, mixed precision (fp16.py) and data parallelism (distributed.p
     python train.py --data corpus.jsonl.gz --hidden 4096 --batch-size 128 --seq-len 256 --dtype fp16
     python train.py --data corpus.jsonl.gz --hidden 1024 --batch-size 256 --seq-len 256 --dtype fp16 --cuda-graph
     python train.py --data corpus.jsonl.gz --hidden 4096 --batch-size 512 --seq-len 256 --dtype fp16 --triton
+    python train.py --data corpus.jsonl.gz --hidden 8192 --batch-size 1024 --seq-len 256 --dtype fp16 --recompute 32
     torchrun --standalone --nproc_per_node=8 train.py --data DIR --batch-size 1024 --lr-rule sqrt ...
     python train.py --out out/demo --resume                   # continue a run exactly where it stopped
     python train.py --out out/demo --export demo.pt           # its weights in fp16 + config: a released model
@@ -36,7 +37,7 @@ from mlstm import MLSTM, PRESETS, detach_state, loss_fn, model_config, read_chec
 
 # Flags that steer one invocation but not the computation: they may change on --resume (a run folder may move).
 RUN_FLAGS = {"resume", "export", "stop_at", "log_every", "eval_every", "eval_iters", "save_every", "sample_chars",
-             "device", "timeout", "out", "cache_dir", "cuda_graph", "triton"}
+             "device", "timeout", "out", "cache_dir", "cuda_graph", "triton", "recompute"}
 # A mean loss above this (nats per byte; 10x a uniform guess over 256 bytes, 80 bits per byte) is divergence
 # even when finite: a too-high learning rate sends the loss to millions, not to inf.
 DIVERGED_LOSS = 10 * math.log(256)
@@ -240,7 +241,7 @@ def main(cfg):
     distributed.broadcast_params(model)
     mp = fp16.MixedPrecision(model, cfg["dtype"], cfg["loss_scale"], cfg["scale_growth"],
                              dynamic=not cfg["static_loss_scale"])
-    model.cuda_graph, model.triton = cfg["cuda_graph"], cfg["triton"]
+    model.cuda_graph, model.triton, model.recompute = cfg["cuda_graph"], cfg["triton"], cfg["recompute"]
     opt = mp.optimizer(peak)
     reduce = distributed.GradReducer(cfg["bucket_mb"], torch.float32 if cfg["comm_fp32"] else None)
     step, local = 0, B // d.world
@@ -363,6 +364,10 @@ def parse_args(argv=None):
                    "CUDA graphs: faster where kernel launches dominate the step (BENCHMARKS.md); CUDA only")
     p.add_argument("--triton", action="store_true", help="the recurrent loop's gate math as two fused Triton "
                    "kernels (kernels.py), one per direction, instead of 6 and 5 torch ops per step; CUDA only")
+    p.add_argument("--recompute", type=int, default=0, metavar="S", help="activation checkpointing in segments of "
+                   "S timesteps (e.g. 32 at --seq-len 256; 0: off): the loop's activations are recomputed in "
+                   "backward, for a larger batch in the same memory at one more forward (mlstm.recomputed); not "
+                   "with --cuda-graph")
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint if there is one")
     p.add_argument("--export", metavar="PATH", help="write --out's checkpoint as a released model (fp16 weights "
                    "and config, for transfer.py and generate.py) to PATH and exit without training")
@@ -387,6 +392,8 @@ def parse_args(argv=None):
         p.error("--lr must be > 0, --clip and --warmup >= 0, --loss-scale >= 1")
     if not a.timeout > 0:
         p.error("--timeout must be > 0 seconds")
+    if a.recompute < 0 or (a.recompute and a.cuda_graph):
+        p.error("--recompute must be >= 0 (0: off), and does not combine with --cuda-graph")
     return vars(a)
 
 

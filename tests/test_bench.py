@@ -28,9 +28,9 @@ def test_rows_have_every_field_and_ratios(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert all(k in printed for k in ("ours/row FLOP/s", "plain", "lstm", "n/a"))
     rows = json.loads(out.read_text())["rows"]
-    assert [r["kind"] for r in rows] == ["ours", "plain", "lstm"]  # the graph and Triton rows only on CUDA
+    assert [r["kind"] for r in rows] == ["ours", "recompute", "plain", "lstm"]  # graph, Triton: CUDA only
     assert rows[0]["ours_over_row_chars"] == 1.0 and rows[0]["ours_over_row_flops"] == 1.0
-    lstm = rows[2]
+    lstm = rows[3]
     assert lstm["ours_over_row_chars"] == pytest.approx(rows[0]["chars_per_s"] / lstm["chars_per_s"])
     assert lstm["ours_over_row_flops"] == pytest.approx(rows[0]["tflops"] / lstm["tflops"])
 
@@ -48,6 +48,7 @@ def test_a_row_out_of_memory_is_reported_not_raised(monkeypatch):
 
 def test_bad_flags_are_refused_with_a_message(capsys):
     for argv, msg in ((["--hidden", "huge"], "--hidden must be"), (["--steps", "0"], "--steps must be"),
+                      (["--recompute", "0"], "--recompute must be"),
                       (["--only", "ours,cudnn"], "--only takes"), (["--only", "ours,ours"], "--only takes"),
                       (["--peak-tflops", "-1"], "--peak-tflops"), (["--device", "tpu"], "--device"),
                       (["--dtype", "fp8"], "invalid choice"),
