@@ -38,7 +38,7 @@ class MixedPrecision:
 
     The scale, the count of good steps since S last changed and the count of skipped steps are tensors on
     the model's device, updated by tensor ops: with an optimizer that skips on the device (fused Adam, as
-    train.py builds it), a step never waits for the GPU. Read them with float()/int() when logging.
+    train.py builds it), a step need not wait for the GPU. Read them with float()/int() when logging.
     """
 
     def __init__(self, model, dtype="fp32", init_scale=2.0**16, growth_interval=1000, dynamic=True):
