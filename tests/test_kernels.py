@@ -67,14 +67,16 @@ def test_fused_recurrence_low_precision_agrees_with_float64():
             assert err < tol, f"{name} in {dtype}: max |diff| / max |float64| = {err:.2e} >= {tol}"
 
 
-def test_model_with_triton_equals_plain_over_carried_windows():
+@pytest.mark.parametrize("recompute", [0, 4])
+def test_model_with_triton_equals_plain_over_carried_windows(recompute):
     """MLSTM.triton = True (train.py --triton) against the plain model: two training windows with the
-    state carried, gradients from the loss through the [B, T, H] -> time-major transpose (strided dL/dhs)."""
+    state carried, gradients from the loss through the [B, T, H] -> time-major transpose (strided dL/dhs);
+    also with --recompute 4 (segments of 4, 4 and 1 timesteps, re-run in backward)."""
     torch.manual_seed(6)
     plain = MLSTM(hidden=48, embed=8).to(DEVICE)
     ours = MLSTM(hidden=48, embed=8).to(DEVICE)
     ours.load_state_dict(plain.state_dict())
-    ours.triton = True
+    ours.triton, ours.recompute = True, recompute
     states = [plain.zero_state(4), ours.zero_state(4)]
     for window in range(2):
         x, y = torch.randint(0, 256, (2, 4, 9), device=DEVICE)
