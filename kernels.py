@@ -27,7 +27,7 @@ def _tanh(x):
 
 
 @triton.jit
-def _forward(z, xz, c_prev, c, tanh_c, h, H, BLOCK: tl.constexpr):
+def _forward(z, xz, c_prev, c, h, H, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = j < H
@@ -49,12 +49,11 @@ def _forward(z, xz, c_prev, c, tanh_c, h, H, BLOCK: tl.constexpr):
     tl.store(zb + 2 * H, o.to(dtype), mask=mask)
     tl.store(zb + 3 * H, u.to(dtype), mask=mask)
     tl.store(c + s, ct.to(c.dtype.element_ty), mask=mask)
-    tl.store(tanh_c + s, tc.to(tanh_c.dtype.element_ty), mask=mask)
     tl.store(h + s, (o * tc).to(h.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _backward(dz, gates, c_prev, tanh_c, dh, dhs, dhs_row, dhs_col, dc, dc_prev, H, BLOCK: tl.constexpr):
+def _backward(dz, gates, c_prev, c, dh, dhs, dhs_row, dhs_col, dc, dc_prev, H, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = j < H
@@ -64,7 +63,8 @@ def _backward(dz, gates, c_prev, tanh_c, dh, dhs, dhs_row, dhs_col, dc, dc_prev,
     o = tl.load(gates + gb + 2 * H, mask=mask).to(tl.float32)
     u = tl.load(gates + gb + 3 * H, mask=mask).to(tl.float32)
     cp = tl.load(c_prev + s, mask=mask).to(tl.float32)
-    tc = tl.load(tanh_c + s, mask=mask).to(tl.float32)
+    # tanh(c_t) again, in registers: cheaper than a [T, B, H] buffer saved by the forward and read back
+    tc = _tanh(tl.load(c + s, mask=mask).to(tl.float32))
     # dh_t = dL/dh_t (from the output; any strides, e.g. a transposed [B, T, H] gradient) + dh_t (from t+1)
     dhs_t = tl.load(dhs + b * dhs_row + j * dhs_col, mask=mask).to(tl.float32)
     dh_t = tl.load(dh + s, mask=mask).to(tl.float32) + dhs_t
@@ -85,16 +85,16 @@ def _grid(B, H):
     return (B, triton.cdiv(H, block)), block
 
 
-def forward_step(z, xz, c_prev, c, tanh_c, h):
+def forward_step(z, xz, c_prev, c, h):
     """z [B, 4H] = m W_h, to which xz = x W_x + b is added here (not by the GEMM: torch's addmm copies xz into
-    its output first) -> the gates i f o u in place of z; writes c_t, tanh(c_t), h_t [B, H].
+    its output first) -> the gates i f o u in place of z; writes c_t, h_t [B, H].
     All contiguous (slices of mlstm.Recurrence's time-major buffers)."""
     B, H = c.shape
     grid, block = _grid(B, H)
-    _forward[grid](z, xz, c_prev, c, tanh_c, h, H, BLOCK=block)
+    _forward[grid](z, xz, c_prev, c, h, H, BLOCK=block)
 
 
-def backward_step(dz, gates, c_prev, tanh_c, dh, dhs, dc):
+def backward_step(dz, gates, c_prev, c, dh, dhs, dc):
     """One reverse step's gate math: writes dz_t [B, 4H] (dz may be gates itself: every element is read
     before it is written); returns dc_{t-1} [B, H]. dh (from step t+1) and dhs (dL/dh_t from the output,
     any strides) are added here; dh and dc may be any [B, H]."""
@@ -102,5 +102,5 @@ def backward_step(dz, gates, c_prev, tanh_c, dh, dhs, dc):
     dh, dc = dh.contiguous(), dc.contiguous()  # no-ops but for the final state's gradients
     dc_prev = torch.empty_like(dc)
     grid, block = _grid(B, H)
-    _backward[grid](dz, gates, c_prev, tanh_c, dh, dhs, dhs.stride(0), dhs.stride(1), dc, dc_prev, H, BLOCK=block)
+    _backward[grid](dz, gates, c_prev, c, dh, dhs, dhs.stride(0), dhs.stride(1), dc, dc_prev, H, BLOCK=block)
     return dc_prev

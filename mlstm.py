@@ -76,18 +76,18 @@ class Recurrence(torch.autograd.Function):
         if fused:  # train.py --triton; imported only then, as torch's CPU wheels come without Triton
             import kernels
         # What backward needs, for all timesteps: W_mh h_{t-1}, the gates i f o u (after their
-        # nonlinearities), tanh(c_t), and h_t, c_t from t = 0 (so that h_{t-1} is hs[t]: no concatenation).
-        hm, tanh_cs = xm.new_empty(T, B, H), xm.new_empty(T, B, H)
+        # nonlinearities), and h_t, c_t from t = 0 (so that h_{t-1} is hs[t]: no concatenation). Not tanh(c_t):
+        # backward recomputes it from c_t, one elementwise op against a saved [T, B, H] buffer.
+        hm = xm.new_empty(T, B, H)
         gates = xz.new_empty(T, B, 4 * H)
         hs, cs = xm.new_empty(T + 1, B, H), xm.new_empty(T + 1, B, H)
         hs[0], cs[0] = h0, c0
         # Iterating a tensor yields its [B, ...] slices along time; each step writes its own (out=).
-        for xm_t, xz_t, hm_t, z, h_prev, c_prev, h, c, tanh_c in zip(
-                xm, xz, hm, gates, hs, cs, hs[1:], cs[1:], tanh_cs):
+        for xm_t, xz_t, hm_t, z, h_prev, c_prev, h, c in zip(xm, xz, hm, gates, hs, cs, hs[1:], cs[1:]):
             # m_t = (W_mx x_t) * (W_mh h_{t-1})
             m = xm_t * torch.mm(h_prev, wmh, out=hm_t)
             if fused:  # z_t's sum and the gate math below in one kernel
-                kernels.forward_step(torch.mm(m, wh, out=z), xz_t, c_prev, c, tanh_c, h)
+                kernels.forward_step(torch.mm(m, wh, out=z), xz_t, c_prev, c, h)
             else:
                 # z_t = W_x x_t + W_h m_t + b
                 torch.addmm(xz_t, m, wh, out=z)
@@ -98,9 +98,9 @@ class Recurrence(torch.autograd.Function):
                 # c_t = f * c_{t-1} + i * u
                 torch.addcmul(f * c_prev, i, u, out=c)
                 # h_t = o * tanh(c_t)
-                torch.mul(o, torch.tanh(c, out=tanh_c), out=h)
+                torch.mul(o, torch.tanh(c), out=h)
         ctx.fused = fused
-        ctx.save_for_backward(xm, wh, wmh, hm, gates, hs, cs, tanh_cs)
+        ctx.save_for_backward(xm, wh, wmh, hm, gates, hs, cs)
         # The final state as copies, not views: it is saved in checkpoints and all-gathered.
         return hs[1:], hs[-1].clone(), cs[-1].clone()
 
@@ -109,7 +109,7 @@ class Recurrence(torch.autograd.Function):
         if torch.is_grad_enabled():  # backward(create_graph=True): this backward is not differentiable
             raise RuntimeError("no double backward through mlstm.Recurrence; MLSTM.rnn(return_cells=True) has one")
         # Outputs that got no gradient arrive as zeros (autograd's default, materialize_grads).
-        xm, wh, wmh, hm, gates, hs, cs, tanh_cs = ctx.saved_tensors
+        xm, wh, wmh, hm, gates, hs, cs = ctx.saved_tensors
         T, B, H = xm.shape
         if ctx.fused:
             import kernels
@@ -122,6 +122,7 @@ class Recurrence(torch.autograd.Function):
         else:
             dz = torch.empty_like(gates)  # [T, B, 4H]
             i, f, o, u = gates.chunk(4, 2)  # [T, B, H] each
+            tanh_cs = torch.tanh(cs[1:])  # tanh(c_t) [T, B, H]
             # dz for all t at once: first the factors of dz_t that do not depend on the recurrent gradient,
             # which the reverse loop then multiplies by dc_t (or dh_t) in place.
             dz_i, dz_f, dz_o, dz_u = dz.chunk(4, 2)  # [T, B, H] each
@@ -140,7 +141,7 @@ class Recurrence(torch.autograd.Function):
         wh_t, wmh_t = wh.t().contiguous(), wmh.t().contiguous()  # [4H, H], [H, H]
         for t in reversed(range(T)):
             if ctx.fused:  # the gate math below, and dz's factors above, in one kernel
-                dc = kernels.backward_step(dz[t], gates[t], cs[t], tanh_cs[t], dh, dhs[t], dc)
+                dc = kernels.backward_step(dz[t], gates[t], cs[t], cs[t + 1], dh, dhs[t], dc)
             else:
                 # dh_t = dL/dh_t (from the output) + dh_t (from step t+1; at t = T, the final state's)
                 dh = dh + dhs[t]
@@ -183,8 +184,8 @@ def recurrence(e, wx, b, wmx, wh, wmh, h0, c0, fused=False):
 def recomputed(e, wx, b, wmx, wh, wmh, h, c, segment, fused=False):
     """`recurrence` with activation checkpointing (train.py --recompute), in segments of `segment` timesteps.
 
-    Recurrence saves 9 [B, H]-sized tensors per timestep for its backward (xm, W_mh h, 4 gates, h, c, tanh c)
-    and allocates 6 more there (dz, dm, d(W_mh h)). Here the forward keeps only each segment's input state and
+    Recurrence saves 8 [B, H]-sized tensors per timestep for its backward (xm, W_mh h, 4 gates, h, c) and
+    allocates 8 more there (tanh c, o (1 - tanh^2 c), 4 of dz, dm, d(W_mh h); fused=True: only dm, d(W_mh h)). Here the forward keeps only each segment's input state and
     the outputs hs; backward re-runs one segment's forward at a time from its state, then its backward. Costs
     one more forward of the loop: +2 of the 6 recurrent GEMMs per timestep."""
     hs = []
