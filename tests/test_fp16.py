@@ -174,6 +174,31 @@ def test_skipping_on_the_device_equals_skipping_on_the_host():
     assert diff <= 1e-6 * w_h.abs().max().item(), f"device vs host skipping: max weight diff {diff}"
 
 
+def test_a_training_step_reads_no_tensor_value_back_in_python(monkeypatch):
+    """The CPU stand-in for the GPU test below: train.py's step (lr, forward, backward, fp16 step with the
+    fused Adam, overflows included) with every Python way of reading a tensor's value made to raise."""
+    torch.manual_seed(0)
+    model = MLSTM(hidden=16, embed=8)
+    mp = MixedPrecision(model, "fp16", init_scale=2.0**30, growth_interval=2)  # 2^30 overflows at first
+    opt = mp.optimizer(1e-3)
+    x = torch.randint(0, 256, (4, 9))
+
+    def read(*args):
+        raise AssertionError("a tensor's value was read on the host inside the step")
+
+    state = None
+    for step in range(6):
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__"):
+                m.setattr(torch.Tensor, name, read)
+            opt.param_groups[0]["lr"].copy_(train.lr_at(step - mp.skipped, 1e-3, 2, 6))
+            logits, state = model(x[:, :-1], state)
+            state = detach_state(state)
+            mp.backward(loss_fn(logits, x[:, 1:]))
+            mp.step(opt, clip=1.0)
+    assert mp.state_dict()["skipped"] > 0 and float(mp.scale) < 2.0**30, "the first steps should overflow"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_training_step_never_waits_for_the_gpu():
     torch.manual_seed(0)
