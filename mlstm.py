@@ -185,9 +185,10 @@ def recomputed(e, wx, b, wmx, wh, wmh, h, c, segment, fused=False):
     """`recurrence` with activation checkpointing (train.py --recompute), in segments of `segment` timesteps.
 
     Recurrence saves 8 [B, H]-sized tensors per timestep for its backward (xm, W_mh h, 4 gates, h, c) and
-    allocates 8 more there (tanh c, o (1 - tanh^2 c), 4 of dz, dm, d(W_mh h); fused=True: only dm, d(W_mh h)). Here the forward keeps only each segment's input state and
-    the outputs hs; backward re-runs one segment's forward at a time from its state, then its backward. Costs
-    one more forward of the loop: +2 of the 6 recurrent GEMMs per timestep."""
+    allocates 8 more there (tanh c, o (1 - tanh^2 c), 4 of dz, dm, d(W_mh h); fused=True: only dm, d(W_mh h)).
+    Here the forward keeps only each segment's input state and the outputs hs; backward re-runs one segment's
+    forward at a time from its state, then its backward. Costs one more forward of the loop: +2 of the 6
+    recurrent GEMMs per timestep."""
     hs = []
     for e_seg in e.split(segment):  # [segment, B, E]
         out, h, c = checkpoint(recurrence, e_seg, wx, b, wmx, wh, wmh, h, c, fused,

@@ -60,7 +60,7 @@ def lr_at(step, peak, warmup, total):
 def to_device(a, device):
     """A host array to the device; on CUDA through pinned memory, so that the copy does not wait for the GPU."""
     t = torch.from_numpy(a)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
 
 @torch.no_grad()
