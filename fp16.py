@@ -7,7 +7,7 @@ so that small gradients do not flush to zero in fp16, and steps whose gradients 
 while S is halved. Also bf16: float32's range in 16 bits, so masters but no scaling. The overflow check,
 the skip and the change of S are tensor ops on the GPU, so that the host need not wait for it in a step.
 
-    python train.py --dtype fp16 [--loss-scale 65536 | --static-loss-scale 1024] [--scale-growth 1000]
+    python train.py --dtype fp16 [--loss-scale 65536] [--static-loss-scale] [--scale-growth 1000]
     python train.py --dtype bf16
 
 The gradient range tool: a few float32 forward/backward steps, then the histogram of log2|gradient| against

@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -111,7 +112,7 @@ def save_checkpoint(path, ckpt):
             os.replace(path, prev)
             rotated = True
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         with contextlib.suppress(OSError):  # put the good checkpoint back where it was
             if rotated:
                 os.replace(prev, path)
@@ -119,6 +120,28 @@ def save_checkpoint(path, ckpt):
             os.remove(tmp)
         raise SystemExit(f"error: cannot write the checkpoint {path} ({type(e).__name__}: {e}); the previous "
                          f"checkpoint, if any, is left as it was (resume with --resume once there is room)")
+
+
+def start_run_files(cfg, start, log):
+    """Write config.json, and cut metrics.jsonl back to the events up to step `start` (the checkpoint resumed
+    from; 0 for a fresh run), so that a resumed run does not log the steps after its checkpoint twice."""
+    out, path = cfg["out"], os.path.join(cfg["out"], "metrics.jsonl")
+    kept = []
+    if start == 0 and any(os.path.exists(os.path.join(out, f)) for f in ("ckpt.pt", "metrics.jsonl")):
+        log(f"warning: {out} holds an earlier run; this fresh run replaces it (--resume continues it)")
+    try:
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut short by a kill
+                        if json.loads(line)["step"] <= start:
+                            kept.append(line)
+        for name, text in (("config.json", json.dumps(cfg, indent=1)), ("metrics.jsonl", "".join(kept))):
+            with open(os.path.join(out, name + ".tmp"), "w") as f:
+                f.write(text)
+            os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to --out {out} ({type(e).__name__}: {e})")
 
 
 def load_checkpoint(out, config, log, main=True):
@@ -201,10 +224,10 @@ def main(cfg):
     if d.main:
         try:
             os.makedirs(cfg["out"], exist_ok=True)
-            with open(os.path.join(cfg["out"], "config.json"), "w") as f:
-                json.dump(cfg, f, indent=1)
         except OSError as e:
             raise SystemExit(f"error: cannot write to --out {cfg['out']}: {e}")
+        if not os.access(cfg["out"], os.W_OK):
+            raise SystemExit(f"error: cannot write to --out {cfg['out']}: permission denied")
     log("config: " + json.dumps(cfg))
 
     # Data: rank 0 prepares a raw source once (cached); the others wait, then memory-map the same files.
@@ -225,18 +248,25 @@ def main(cfg):
                 evals[split] = data.ByteLoader(path, rows, T, d.rank, d.world)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
+    except OSError as e:  # e.g. an unwritable --cache-dir
+        raise SystemExit(f"error: cannot prepare {cfg['data']} in --cache-dir {cfg['cache_dir']} "
+                         f"({type(e).__name__}: {e})")
     spe = loader.steps_per_epoch
     total = min(cfg["iters"] or math.inf, max(1, round(cfg["epochs"] * spe)) if cfg["epochs"] else math.inf)
     end = min(total, cfg["stop_at"] or total)
     peak = scaled_lr(cfg["lr"], cfg["lr_rule"], B)
     log(f"data: {corpus}: {len(loader.data) / 1e6:.1f} MB train, {spe} steps per epoch; "
         f"{total} steps, {total * B * T / 1e6:.1f}M chars, peak lr {peak:.3g}")
+    if cfg["warmup"] >= total:
+        log(f"warning: --warmup {cfg['warmup']} is not below the run's {total} steps: the lr never decays")
 
     torch.manual_seed(cfg["seed"])
     model = MLSTM(**model_config(cfg))
     ckpt = load_checkpoint(cfg["out"], cfg, log, d.main) if cfg["resume"] else None
     if ckpt:
         model.load_state_dict(ckpt["model"])
+    if d.main:
+        start_run_files(cfg, ckpt["step"] if ckpt else 0, log)
     model.to(d.device)
     distributed.broadcast_params(model)
     mp = fp16.MixedPrecision(model, cfg["dtype"], cfg["loss_scale"], cfg["scale_growth"],
@@ -267,16 +297,26 @@ def main(cfg):
                 "model": mp.master_state_dict(), "optimizer": opt.state_dict(), "scaler": mp.state_dict(),
                 "step": step, "state": full, "rng": torch.get_rng_state(), "config": cfg})
 
+    def pause_clock():
+        """The time once the queued steps are done: checkpoints and evaluations stay out of the logged speed."""
+        if d.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.time()
+
+    def last_good():
+        return f"the last good checkpoint is in {cfg['out']} (step {last_ok})" if last_ok is not None else \
+            "no checkpoint was saved yet"
+
     def record(event):
         if d.main:
             try:
                 with open(os.path.join(cfg["out"], "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(event) + "\n")
             except OSError as e:  # a full disk
-                raise SystemExit(f"error: cannot write {cfg['out']}/metrics.jsonl ({type(e).__name__}: {e}); the "
-                                 f"last checkpoint is in {cfg['out']} (step {last_ok})")
+                raise SystemExit(f"error: cannot write {cfg['out']}/metrics.jsonl ({type(e).__name__}: {e}); "
+                                 f"{last_good()}")
 
-    loss_sum, n_loss, t0, last_ok = torch.zeros((), device=d.device), 0, time.time(), step
+    loss_sum, n_loss, t0, last_ok = torch.zeros((), device=d.device), 0, time.time(), step if ckpt else None
     t_start, step_start, skipped_before = t0, step, mp.state_dict()["skipped"]
     while step < end:
         if loader.window(step) == 0:  # the streams restart at each epoch: so does the state
@@ -302,24 +342,28 @@ def main(cfg):
             diverged = not mean < DIVERGED_LOSS or (sc["skipped"] and (cfg["dtype"] != "fp16" or stuck))
             if diverged:
                 raise SystemExit(f"error: training diverged at step {step} (loss {mean}, {sc['skipped']} skipped "
-                                 f"steps, loss scale {sc['scale']:g}); the last good checkpoint is in {cfg['out']} "
-                                 f"(step {last_ok}). Lower --lr or raise --warmup.")
+                                 f"steps, loss scale {sc['scale']:g}); {last_good()}. Lower --lr or raise --warmup.")
             dt = time.time() - t0
             cps = n_loss * B * T / dt
             eta = (end - step) * (time.time() - t_start) / (step - step_start)
             log(f"step {step}/{total} | loss {mean:.3f} | bpc {mean / math.log(2):.3f} | lr {float(lr):.2e} | "
                 f"scale {sc['scale']:g} | skipped {sc['skipped']} | {1000 * dt / n_loss:.0f} ms | "
                 f"{cps / 1e6:.3g}M chars/s | eta {duration(eta)}")
+            norm = grad_norm.item()  # inf or nan on a skipped fp16 step: null in JSON
             record({"step": step, "loss": mean, "bpc": mean / math.log(2), "lr": float(lr),
-                    "grad_norm": grad_norm.item(), "scale": sc["scale"], "skipped": sc["skipped"], "chars_per_s": cps})
+                    "grad_norm": norm if math.isfinite(norm) else None, "scale": sc["scale"],
+                    "skipped": sc["skipped"], "chars_per_s": cps})
             loss_sum, n_loss, t0, skipped_before = torch.zeros((), device=d.device), 0, time.time(), sc["skipped"]
             if step % cfg["save_every"] == 0 or step == end:
+                paused = pause_clock()
                 checkpoint()
-                last_ok = step
+                last_ok, t0 = step, t0 + time.time() - paused
         if (step % cfg["eval_every"] == 0 or step == total) and "val" in evals:
+            paused = pause_clock()
             val = evaluate(model, evals["val"], cfg["eval_iters"], d.device)
             log(f"step {step}/{total} | val bpc {val:.3f}")
             record({"step": step, "val_bpc": val})
+            t0 += time.time() - paused
     if step == total:
         if "test" in evals:
             test = evaluate(model, evals["test"], cfg["eval_iters"], d.device)
@@ -384,12 +428,25 @@ def parse_args(argv=None):
     for name in ("hidden", "embed", "batch_size", "seq_len", "log_every", "eval_every", "eval_iters", "save_every"):
         if getattr(a, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    if a.iters <= 0 and a.epochs <= 0:
+    if a.iters < 0 or a.epochs < 0 or a.stop_at < 0:
+        p.error("--iters, --epochs and --stop-at must be >= 0 (0: off)")
+    if a.iters == 0 and a.epochs == 0:
         p.error("give --iters or --epochs")
     if a.save_every % a.log_every:
         p.error("--save-every must be a multiple of --log-every (checkpoints follow a finite-loss check)")
-    if a.lr <= 0 or a.clip < 0 or a.warmup < 0 or a.loss_scale < 1:
-        p.error("--lr must be > 0, --clip and --warmup >= 0, --loss-scale >= 1")
+    if not (0 < a.lr < math.inf and 0 <= a.clip < math.inf and a.warmup >= 0 and 1 <= a.loss_scale < 2**64):
+        p.error("--lr must be > 0, --clip and --warmup >= 0, --loss-scale in [1, 2^64), all finite")
+    if a.scale_growth < 1:
+        p.error("--scale-growth must be >= 1 (steps)")
+    if a.device != "auto":
+        try:
+            dev = torch.device(a.device)
+        except RuntimeError:
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda"):
+            p.error(f"--device {a.device}: expected auto, cpu, cuda or cuda:N")
+        if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+            p.error(f"--device {a.device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
     if not a.timeout > 0:
         p.error("--timeout must be > 0 seconds")
     if a.recompute < 0 or (a.recompute and a.cuda_graph):
@@ -404,12 +461,20 @@ if __name__ == "__main__":
             export(cfg["out"], cfg["export"])
         else:
             main(cfg)
-    except RuntimeError as e:  # gloo/NCCL: a peer closed its connection (it died) or a collective timed out
-        if not distributed.dist.is_initialized():
+    except RuntimeError as e:  # out of memory; under torchrun also a peer that died or hangs (gloo, NCCL)
+        multi = distributed.dist.is_initialized()
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if isinstance(e, torch.OutOfMemoryError):
+            why = f"out of memory ({first}); lower --batch-size, or add --recompute 32"
+        elif multi and (isinstance(e, distributed.dist.DistError) or "gloo" in str(e) or "NCCL" in str(e)):
+            why = (f"a collective with the other processes failed ({first}). Another process died or stopped "
+                   f"answering (see its log; --timeout bounds the wait); restart with --resume to continue from "
+                   f"the last checkpoint.")
+        elif multi:  # not the peers' fault: the whole story
+            traceback.print_exc()
+            why = f"{type(e).__name__}: {first}"
+        else:
             raise
-        print(f"error: rank {distributed.dist.get_rank()}: a collective with the other processes failed "
-              f"({str(e).strip().splitlines()[0][:300]}). Another process died or stopped answering (see its "
-              f"log; --timeout bounds the wait); restart with --resume to continue from the last checkpoint.",
-              file=sys.stderr, flush=True)
+        print(f"error: {f'rank {distributed.dist.get_rank()}: ' if multi else ''}{why}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)  # not sys.exit: the process group's threads, still waiting on the lost peer, abort an exit

@@ -317,6 +317,9 @@ def test_a_huge_learning_rate_is_divergence_not_a_finished_run(tmp_path):
     ckpt = load(tmp_path / "a" / "ckpt.pt")
     assert ckpt["step"] < at and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert f"last good checkpoint is in {tmp_path / 'a'} (step {ckpt['step']})" in str(e.value)
+    with pytest.raises(SystemExit, match=r"diverged at step \d+ .*; no checkpoint was saved yet\. Lower --lr"):
+        run(tmp_path, "b", "--iters", "40", "--lr", "1e9", "--save-every", "20")
+    assert not (tmp_path / "b" / "ckpt.pt").exists()
 
 
 def test_an_inf_loss_in_fp32_stops_the_run(tmp_path, monkeypatch):
@@ -368,7 +371,13 @@ def test_an_unwritable_out_is_an_error_before_training(tmp_path):
     assert not (tmp_path / "cache").exists(), "the data was prepared before --out was checked"
 
 
-@pytest.mark.parametrize("failing", ["torch.save", "os.replace"])
+def test_an_unwritable_cache_dir_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("a regular file")
+    with pytest.raises(SystemExit, match=f"cannot prepare .*corpus.txt in --cache-dir {tmp_path / 'file' / 'prep'}"):
+        run(tmp_path, "a", "--iters", "2", "--cache-dir", str(tmp_path / "file" / "prep"))
+
+
+@pytest.mark.parametrize("failing", ["torch.save", "torch.save (RuntimeError)", "os.replace"])
 def test_a_failing_checkpoint_write_leaves_the_good_one(tmp_path, monkeypatch, straight, failing):
     """The third checkpoint (step 6) fails: no space left in torch.save (half a file written), or the final rename
     fails. ckpt.pt stays byte-identical, no tmp file is left, and --resume continues to the same end."""
@@ -376,10 +385,12 @@ def test_a_failing_checkpoint_write_leaves_the_good_one(tmp_path, monkeypatch, s
     real_save, real_replace, seen = torch.save, os.replace, {}
 
     def save(obj, f, *a, **k):
-        if str(f).endswith(".tmp") and isinstance(obj, dict) and obj.get("step") == 6 and failing == "torch.save":
+        if str(f).endswith(".tmp") and isinstance(obj, dict) and obj.get("step") == 6 and failing != "os.replace":
             seen["ckpt"] = (out / "ckpt.pt").read_bytes()
             real_save(obj, f, *a, **k)
             truncate(f)
+            if "RuntimeError" in failing:  # how torch.save reports a real full disk
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *a, **k)
 
@@ -392,8 +403,8 @@ def test_a_failing_checkpoint_write_leaves_the_good_one(tmp_path, monkeypatch, s
 
     monkeypatch.setattr(torch, "save", save)
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(SystemExit, match=r"cannot write the checkpoint .*ckpt\.pt \(OSError: \[Errno \d+\] "
-                                         r"(No space left on device|Input/output error)\)"):
+    with pytest.raises(SystemExit, match=r"cannot write the checkpoint .*ckpt\.pt \((OSError: \[Errno \d+\] "
+                                         r"(No space left on device|Input/output error)|RuntimeError: .*pos 64 vs 0)\)"):
         run(tmp_path, "a", "--iters", "8")
     assert (out / "ckpt.pt").read_bytes() == seen["ckpt"], "the good checkpoint changed"
     assert not (out / "ckpt.pt.tmp").exists(), "a half-written file was kept"

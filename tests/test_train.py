@@ -54,7 +54,13 @@ def test_bad_flags_are_refused_with_a_message(capsys):
     for argv, msg in ((["--hidden", "huge"], "--hidden must be"), (["--batch-size", "0"], "--batch-size must be"),
                       (["--save-every", "30", "--log-every", "20"], "multiple of --log-every"),
                       (["--recompute", "-1"], "--recompute must be >= 0"),
-                      (["--recompute", "8", "--cuda-graph"], "does not combine with --cuda-graph")):
+                      (["--recompute", "8", "--cuda-graph"], "does not combine with --cuda-graph"),
+                      (["--iters", "-5", "--epochs", "1"], "must be >= 0"), (["--stop-at", "-3"], "must be >= 0"),
+                      (["--epochs", "-1"], "must be >= 0"), (["--loss-scale", "inf"], "--loss-scale in [1, 2^64)"),
+                      (["--lr", "nan"], "--lr must be > 0"), (["--scale-growth", "0"], "--scale-growth must be >= 1"),
+                      (["--device", "gpu"], "--device gpu: expected auto, cpu, cuda"),
+                      (["--device", "mps"], "--device mps: expected auto, cpu, cuda"),
+                      (["--device", f"cuda:{torch.cuda.device_count()}"], "no such CUDA device here")):
         with pytest.raises(SystemExit):
             train.parse_args(argv)
         assert msg in capsys.readouterr().err
@@ -95,10 +101,56 @@ def test_resume_from_a_checkpoint_of_plain_adam(tmp_path):
     assert len(first + second) == 6 and diff == 0.0, f"resumed {first + second} vs straight {straight}"
 
 
-def test_resume_with_another_config_is_refused(tmp_path):
+def test_resume_with_another_config_is_refused_and_keeps_the_runs_config(tmp_path):
     run(tmp_path, "a", "--iters", "2")
     with pytest.raises(SystemExit, match="another configuration.*hidden"):
         run(tmp_path, "a", "--iters", "2", "--resume", "--hidden", "8")
+    with open(tmp_path / "a" / "config.json") as f:
+        assert json.load(f)["hidden"] == 16, "the refused command overwrote the run's config.json"
+
+
+def test_metrics_after_the_checkpoint_are_not_logged_twice_on_resume(tmp_path, capsys):
+    run(tmp_path, "a", "--iters", "8", "--stop-at", "4")
+    with open(tmp_path / "a" / "metrics.jsonl", "a") as f:  # what a kill after step 4's checkpoint leaves
+        f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n" + '{"step": 6, "lo')
+    m = run(tmp_path, "a", "--iters", "8", "--resume")
+    steps = [e["step"] for e in m if "loss" in e]
+    assert steps == list(range(1, 9)), f"logged steps after resume: {steps}"
+    assert "earlier run" not in capsys.readouterr().out
+    m = run(tmp_path, "a", "--iters", "3")  # a fresh run into the folder: its own log only, and a warning
+    assert [e["step"] for e in m if "loss" in e] == [1, 2, 3]
+    assert "warning: " + str(tmp_path / "a") + " holds an earlier run" in capsys.readouterr().out
+
+
+def test_a_skipped_step_logs_a_null_grad_norm_and_strict_json(tmp_path):
+    run(tmp_path, "a", "--iters", "3", "--dtype", "fp16", "--loss-scale", "1e18")  # overflows: skipped steps
+    with open(tmp_path / "a" / "metrics.jsonl") as f:
+        m = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) for line in f]
+    assert m[0]["skipped"] == 1 and m[0]["grad_norm"] is None, m[0]
+
+
+def test_logged_speed_leaves_out_evaluations_and_checkpoints(tmp_path, monkeypatch):
+    """A fake clock: each training step takes 1 ms of it, each evaluation and checkpoint 1000 s."""
+    clock = [0.0]
+    real_eval, real_ckpt, real_loss = train.evaluate, train.save_checkpoint, train.loss_fn
+
+    def slow(real):
+        def f(*a, **k):
+            clock[0] += 1000.0
+            return real(*a, **k)
+        return f
+
+    def step_loss(*a):
+        clock[0] += 1e-3
+        return real_loss(*a)
+
+    monkeypatch.setattr(train, "evaluate", slow(real_eval))
+    monkeypatch.setattr(train, "save_checkpoint", slow(real_ckpt))
+    monkeypatch.setattr(train, "loss_fn", step_loss)
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    m = run(tmp_path, "a", "--iters", "9", "--log-every", "1", "--save-every", "2", "--eval-every", "3")
+    ms = [4 * 16 / e["chars_per_s"] * 1e3 for e in m if "loss" in e]
+    assert len(ms) == 9 and max(ms) < 2, f"ms per step {ms}: evaluations or checkpoints counted as training"
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
