@@ -580,6 +580,12 @@ def main(argv=None):
         print(json.dumps(heldout_bpc(a.bpc, a.eval_rows, a.eval_seq, a.eval_windows, device=a.device)))
         return None
     runs, exps = plan(a)
+    if a.dry_run:
+        for exp, rs in exps.items():
+            print(f"# {exp}")
+            for r in rs:
+                print(command(r.argv, a))
+        return None
     t_start = time.time()
     import data
     import torch
@@ -588,12 +594,6 @@ def main(argv=None):
     a.train_bytes = corpus_meta["bytes"]["train"]
     meta = dict(corpus=rel(corpus), train_bytes=a.train_bytes, test_bytes=corpus_meta["bytes"]["test"],
                 torch=torch.__version__)
-    if a.dry_run:
-        for exp, rs in exps.items():
-            print(f"# {exp}")
-            for r in rs:
-                print(command(r.argv, a))
-        return None
     os.makedirs(a.out, exist_ok=True)
     status = {name: train_run(r, a) for name, r in runs.items()}  # all training first, then evaluation
     recs = {}
