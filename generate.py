@@ -18,13 +18,13 @@ The prime is framed like a corpus document (data.normalize without the closing s
 continues the review; --raw feeds it as is). Any bytes are a valid prime: the model reads bytes. One
 sample streams to stdout as it is written; the output is decoded as UTF-8, invalid bytes replaced.
 """
-import argparse, codecs, json, math, os, sys, time
+import argparse, codecs, json, os, sys, time
 
 import torch
 
 import data
 import mlstm
-from transfer import DTYPES, heatmap_html, unit_trace
+from transfer import DTYPES, check_device, heatmap_html, unit_trace, writable
 
 
 def frame(prime):
@@ -95,7 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=1, help="samples generated together as a batch")
     p.add_argument("--neuron", type=int, help="unit of the cell state to hold (--value) or show (--heatmap)")
     p.add_argument("--results", help="transfer.py results.json: take the neuron and its sign from it")
-    p.add_argument("--value", type=float, help="hold the neuron at this value (times --results' sign) at every step")
+    p.add_argument("--value", type=float, help="hold the neuron at this value (times --results' sign) at every step; "
+                                               "|value| <= 1e4")
     p.add_argument("--heatmap", help="write the neuron per byte, read freely (not held), to this HTML file")
     p.add_argument("--text", help="with --heatmap: show the neuron over this text (framed by data.normalize) "
                                   "instead of sampling")
@@ -108,8 +109,7 @@ def parse_args(argv=None):
                               ("top-k", a.top_k, 0 <= a.top_k <= 256, "in 0..256 (0: all bytes)")):
         if not ok:
             p.error(f"--{flag} must be {rule}, not {v}")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {a.device}: CUDA is not available here")
+    check_device(p, a.device)
     try:  # argv carries non-UTF-8 bytes as surrogates (PEP 383): os.fsencode gives the raw bytes back
         a.prime = os.fsencode(a.prime) if a.raw else frame(os.fsencode(a.prime))
         if a.text is not None:  # as the corpus reads its files: invalid UTF-8 replaced, then normalised
@@ -120,28 +120,38 @@ def parse_args(argv=None):
         p.error("--prime is empty: the model needs at least one byte to start from (drop --raw)")
     if a.neuron is not None and a.results:
         p.error("give --neuron or --results, not both")
-    a.sign = 1
+    a.sign, a.results_model = 1, {}
     if a.results:
         try:
             with open(a.results) as f:
                 r = json.load(f)
             a.neuron, a.sign = int(r["neuron"]), int(r["neuron_sign"])
+            a.results_model = {k: r[k] for k in ("checkpoint", "hidden") if k in r}  # older files lack them
             if a.sign not in (1, -1):
                 raise ValueError(f"neuron_sign is {a.sign}, not +1 or -1")
         except (OSError, ValueError, KeyError, TypeError) as e:
             p.error(f"--results {a.results}: not a transfer.py results file ({type(e).__name__}: {e})")
-    if a.value is not None and not math.isfinite(a.value):
-        p.error(f"--value must be a finite number, not {a.value}")
+    # A cell state stays within a few units; 1e4 also stays finite in fp16 (its largest value is 65504).
+    if a.value is not None and not abs(a.value) <= 1e4:
+        p.error(f"--value must be a finite number with |value| <= 1e4, not {a.value}")
     if (a.value is not None or a.heatmap) and a.neuron is None:
         p.error("--value and --heatmap need a neuron: --neuron INDEX or --results results.json")
     if a.text is not None and (not a.heatmap or a.value is not None):
         p.error("--text goes with --heatmap only: it shows the neuron over the text and samples nothing")
+    if a.heatmap and (os.path.isdir(a.heatmap) or not writable(os.path.dirname(os.path.abspath(a.heatmap)))):
+        p.error(f"--heatmap {a.heatmap}: not a file name in an existing, writable folder")
+    made = a.results_model.get("checkpoint")
+    if made is not None and made != os.path.abspath(a.checkpoint):
+        print(f"warning: --results {a.results} was made with {made}, not --checkpoint {a.checkpoint}", file=sys.stderr)
     return a
 
 
 def main(argv=None):
     a = parse_args(argv)
     model, config = mlstm.load_pretrained(a.checkpoint, a.device)
+    if a.results_model.get("hidden", model.hidden) != model.hidden:
+        raise SystemExit(f"error: --results {a.results} is for a model of {a.results_model['hidden']} units, "
+                         f"--checkpoint {a.checkpoint} has {model.hidden}")
     if a.neuron is not None and not 0 <= a.neuron < model.hidden:
         raise SystemExit(f"error: --neuron {a.neuron} is out of range: the model has {model.hidden} units")
     dtype = a.dtype or (config.get("dtype", "fp32") if a.device.startswith("cuda") else "fp32")

@@ -330,5 +330,9 @@ def load_pretrained(path, device="cpu"):
         model = MLSTM(**model_config(ckpt["config"]))
         model.load_state_dict(ckpt["model"])
     except Exception as e:  # a truncated or corrupted file, a pickle with code in it, another model's weights
-        raise SystemExit(f"{path}: not a usable mLSTM checkpoint ({type(e).__name__}: {str(e)[:300]})")
+        lines = [s.strip() for s in str(e).splitlines() if s.strip()] or [""]
+        why = lines[0]  # one line; load_state_dict's first ends in ":" and lists one mismatched weight per line
+        if why.endswith(":") and len(lines) > 1:
+            why += f" {lines[1]}" + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
+        raise SystemExit(f"{path}: not a usable mLSTM checkpoint ({type(e).__name__}: {why})")
     return model.to(device), ckpt["config"]

@@ -52,19 +52,34 @@ def _label(value, where):
     return LABELS[key]
 
 
+def _json_row(path, n, line):
+    """Line n of a JSON-lines file, parsed; errors name the file's line, not json's place in the one line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        if not line.lstrip().startswith("["):
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        row = []
+    if isinstance(row, list):
+        raise DataError(f"{path}:{n}: a JSON array; expected one JSON object per line (JSON lines)")
+    return row
+
+
 def read_labeled(path, text_column="text", label_column="label"):
-    """(texts, labels int64 array) from a .csv / .tsv / .jsonl file (optionally .gz) with named columns."""
+    """(texts, labels int64 array) from a .csv / .tsv / .json(l) file (optionally .gz) with named columns."""
     name = path[:-3] if path.endswith(".gz") else path
     ext = os.path.splitext(name)[1].lower()
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     if ext not in (".csv", ".tsv", ".jsonl", ".json"):
-        raise DataError(f"{path}: unknown format {ext!r} (expected .csv, .tsv or .jsonl, optionally .gz)")
+        raise DataError(f"{path}: unknown format {ext!r} (expected .csv, .tsv, .jsonl or .json, optionally .gz)")
     texts, labels = [], []
     try:
         raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-        with io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="") as f:
+        # utf-8-sig: drops the byte-order mark that Excel's "CSV UTF-8" puts before the header
+        with io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="") as f:
             if ext in (".csv", ".tsv"):
+                csv.field_size_limit(data.MAX_LINE)  # the default 131,072 characters is shorter than some reviews
                 reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
                 rows = ((n, r) for n, r in enumerate(reader, 2))
                 for col in (text_column, label_column):
@@ -73,14 +88,14 @@ def read_labeled(path, text_column="text", label_column="label"):
             else:
                 def too_long(n, why):
                     raise DataError(f"{path}:{n}: {why}")
-                rows = ((n, json.loads(line)) for n, line in data._lines(f, too_long) if line.strip())
+                rows = ((n, _json_row(path, n, line)) for n, line in data._lines(f, too_long) if line.strip())
             for n, row in rows:
                 if not isinstance(row, dict) or not isinstance(row.get(text_column), str) \
                         or row.get(label_column) in (None, ""):
                     raise DataError(f"{path}:{n}: no {text_column!r} text or no {label_column!r} label")
                 texts.append(row[text_column])
                 labels.append(_label(row[label_column], f"{path}:{n}"))
-    except (OSError, EOFError, csv.Error, ValueError, RecursionError) as e:  # a line that is not JSON, or nested deep
+    except (OSError, EOFError, csv.Error, ValueError, RecursionError) as e:  # e.g. a JSON line nested too deep
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})")
     if not texts:
         raise DataError(f"{path}: no labelled rows (empty split)")
@@ -204,10 +219,12 @@ def cached_features(model, checkpoint, name, byte_strings, cache_dir, feature="c
     st = os.stat(checkpoint)
     key = json.dumps([os.path.abspath(checkpoint), st.st_size, st.st_mtime_ns, texts.hexdigest(), feature, dtype])
     path = os.path.join(cache_dir, f"{name}-{feature}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
-    if os.path.isfile(path):
+    try:  # a missing, damaged (truncated by a crash) or mismatched file is a miss, overwritten below
         X = np.load(path)
         if X.shape == (len(byte_strings), model.hidden):
             return X, True
+    except (ValueError, OSError, EOFError):
+        pass
     X = featurize(model, byte_strings, feature, progress=_progress(name, len(byte_strings)), **kw)
     try:
         os.makedirs(cache_dir, exist_ok=True)
@@ -349,6 +366,13 @@ def bag_of_words(train_texts, *others, vocab=2000):
 # ---------------------------------------------------------------- outputs a person looks at
 
 
+def write_file(path, text):
+    """Write `text` to `path` whole or not at all: a temporary file, then an atomic rename."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def heatmap_html(byte_strings, activations, path=None, title="", vmax=None):
     """HTML page, one block per text, every character coloured by the value at its (last) byte: green
     positive, red negative, full colour at |value| = vmax (default: the largest |value|). Returns the page."""
@@ -375,8 +399,7 @@ def heatmap_html(byte_strings, activations, path=None, title="", vmax=None):
             '<p>green positive, red negative; full colour at |value| = {1:.4g}; hover for values</p>\n{2}\n'
             ).format(html.escape(title), vmax, "\n".join(blocks))
     if path:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(page)
+        write_file(path, page)
     return page
 
 
@@ -469,19 +492,15 @@ def run(a, log=print):
     log(f"\n{'classifier':<30}{'C':>10}{'nonzero':>9}{'train':>8}{'val':>8}{'test':>8}")
     for name, r in rows:
         log(f"{name:<30}{r['C']:>10.4g}{r['nonzero']:>9}{r['train_acc']:>8.4f}{r['val_acc']:>8.4f}{r['test_acc']:>8.4f}")
-    os.makedirs(a.out, exist_ok=True)
-    for path in (os.path.join(a.out, "results.json"), a.json):
-        if path:
-            with open(path, "w") as f:
-                json.dump(res, f, indent=1)
-    # The neuron per byte on a few test texts (half of each class), and its final value per class.
-    pick = [i for k in (1, 0) for i in np.flatnonzero(y["test"] == k)[: a.heatmap // 2]]
+    # Results last, each file whole: a run that fails on the way leaves no results.json beside older pictures.
+    # The neuron per byte on a few test texts (half of each class, an odd one positive), and its final value per class.
+    pick = [i for k, n in ((1, (a.heatmap + 1) // 2), (0, a.heatmap // 2)) for i in np.flatnonzero(y["test"] == k)[:n]]
     shown = [B["test"][i][: a.heatmap_bytes] for i in pick]
     heatmap_html(shown, [sign * unit_trace(model, b, unit, a.feature) for b in shown],
                  os.path.join(a.out, "heatmap.html"), f"sentiment neuron {unit} (sign {sign:+.0f}), {a.feature}")
     hist = histogram_text(sign * X["test"][:, unit], y["test"])
-    with open(os.path.join(a.out, "histogram.txt"), "w") as f:
-        f.write(f"neuron {unit} x sign {sign:+.0f}: final {a.feature} value on test, by class\n{hist}\n")
+    write_file(os.path.join(a.out, "histogram.txt"),
+               f"neuron {unit} x sign {sign:+.0f}: final {a.feature} value on test, by class\n{hist}\n")
     log(f"\nneuron {unit} x sign {sign:+.0f}, final {a.feature} value on test:\n{hist}")
     try:
         import matplotlib
@@ -491,10 +510,15 @@ def run(a, log=print):
         for k, name in ((0, "negative"), (1, "positive")):
             plt.hist(sign * X["test"][y["test"] == k, unit], bins=40, alpha=0.6, label=name)
         plt.xlabel(f"neuron {unit} final {a.feature} value"), plt.legend(), plt.tight_layout()
-        plt.savefig(os.path.join(a.out, "histogram.png"), dpi=120)
+        png = os.path.join(a.out, "histogram.png")
+        plt.savefig(png + ".tmp", format="png", dpi=120)
         plt.close()
+        os.replace(png + ".tmp", png)
     except ImportError:
         pass
+    for path in (os.path.join(a.out, "results.json"), a.json):
+        if path:
+            write_file(path, json.dumps(res, indent=1))
     log(f"\nwrote {a.out}/results.json, heatmap.html, histogram.txt" + (f" and {a.json}" if a.json else ""))
     return res
 
@@ -505,7 +529,7 @@ def parse_args(argv=None):
                    help="train.py checkpoint or released model (.pt); default: the released model, %(default)s")
     p.add_argument("--task", choices=("sst2", "imdb"), help="a known dataset under --data-dir")
     p.add_argument("--data-dir", help="sst2: folder of train/dev/test.csv; imdb: aclImdb folder or tarball")
-    p.add_argument("--train", help="labelled .csv/.tsv/.jsonl[.gz] file (instead of --task)")
+    p.add_argument("--train", help="labelled .csv/.tsv/.jsonl/.json[.gz] file (instead of --task)")
     p.add_argument("--val", help="validation file (default: --val-frac of --train)")
     p.add_argument("--test", help="test file")
     p.add_argument("--text-column", default="text")
@@ -523,8 +547,9 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", help="feature cache (default: CHECKPOINT_DIR/features); deletable")
     p.add_argument("--out", help="output folder (default: CHECKPOINT_DIR/transfer-TASK)")
     p.add_argument("--json", help="also write the results JSON here")
-    p.add_argument("--heatmap", type=int, default=8, help="test texts in heatmap.html")
-    p.add_argument("--heatmap-bytes", type=int, default=1500, help="bytes shown per heatmap text")
+    p.add_argument("--heatmap", type=int, default=8, help="N test texts in heatmap.html, half of each class (an odd "
+                   "N: one more positive; fewer where a class has fewer texts); 0: none")
+    p.add_argument("--heatmap-bytes", type=int, default=1500, help="the first bytes shown of each heatmap text")
     a = p.parse_args(argv)
     if a.task and (a.train or a.test or a.val):
         p.error("give either --task with --data-dir, or --train/--test files, not both")
@@ -532,21 +557,46 @@ def parse_args(argv=None):
         p.error(f"--task {a.task} needs --data-dir")
     if not a.task and not (a.train and a.test):
         p.error("give --task sst2|imdb --data-dir DIR, or --train FILE --test FILE [--val FILE]")
-    for name in ("limit", "batch_size", "chunk"):
+    for name in ("limit", "batch_size", "chunk", "heatmap_bytes"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.bow_vocab < 0:
         p.error("--bow-vocab must be >= 0 (0: no baseline)")
+    if a.heatmap < 0:
+        p.error("--heatmap must be >= 0 (0: no texts in heatmap.html)")
     if not 0 < a.val_frac < 1:
         p.error("--val-frac must be in (0, 1)")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {a.device}: CUDA is not available here")
+    check_device(p, a.device)
     if not os.path.isfile(a.checkpoint):
         p.error(f"--checkpoint {a.checkpoint}: no such file")
     ckpt_dir = os.path.dirname(os.path.abspath(a.checkpoint))
     a.cache_dir = a.cache_dir or os.path.join(ckpt_dir, "features")
     a.out = a.out or os.path.join(ckpt_dir, f"transfer-{a.task or 'files'}")
+    try:  # now, not after the featurising and fitting
+        os.makedirs(a.out, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {a.out}: cannot create the folder ({e.strerror})")
+    if not writable(a.out):
+        p.error(f"--out {a.out}: the folder is not writable")
+    if a.json and (os.path.isdir(a.json) or not writable(os.path.dirname(os.path.abspath(a.json)))):
+        p.error(f"--json {a.json}: not a file name in an existing, writable folder")
     return a
+
+
+def check_device(p, device):
+    """p.error unless --device `device` can be used here: cpu, or cuda[:N] that exists (train.py's rule)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        p.error(f"--device {device}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        p.error(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+
+
+def writable(folder):
+    return os.path.isdir(folder) and os.access(folder, os.W_OK)
 
 
 if __name__ == "__main__":

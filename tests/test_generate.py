@@ -173,6 +173,10 @@ def test_bytes_prime_from_the_command_line(tmp_path):
     (["--neuron", "1", "--results", "r.json"], "not both"),
     (["--results", "missing.json"], "not a transfer.py results file"),
     (["--neuron", "1", "--value", "inf"], "--value must be a finite number"),
+    (["--neuron", "1", "--value", "1e39"], "--value must be a finite number with |value| <= 1e4, not 1e+39"),
+    (["--neuron", "1", "--heatmap", "/nonexistent/dir/h.html"], "--heatmap /nonexistent/dir/h.html: not a file name "
+                                                                "in an existing, writable folder"),
+    (["--device", "bogus"], "--device bogus: expected cpu, cuda or cuda:N"),
     (["--neuron", "1", "--text", "hi"], "--text goes with --heatmap"),
 ])
 def test_bad_inputs_are_clear_errors(tmp_path, capsys, flags, message):
@@ -185,6 +189,27 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, capsys):
     fails(["--checkpoint", str(tmp_path / "junk.pt")], "junk.pt: not a usable mLSTM checkpoint", capsys)
     torch.save({"model": {}, "config": {"hidden": 16, "embed": 8, "no_weight_norm": False}}, tmp_path / "e.pt")
     fails(["--checkpoint", str(tmp_path / "e.pt")], "Missing key", capsys)
+    config = {"hidden": 16, "embed": 8, "no_weight_norm": False}  # every weight's shape differs from the config's
+    torch.save({"model": mlstm.MLSTM(hidden=8, embed=8).state_dict(), "config": config}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--checkpoint", str(tmp_path / "other.pt")])
+    assert "\n" not in str(e.value) and "size mismatch for wx" in str(e.value) and "(and 9 more))" in str(e.value), \
+        e.value
+
+
+def test_results_of_another_model(tmp_path, capsys):
+    path, _ = tiny(tmp_path)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"neuron": 3, "neuron_sign": 1, "checkpoint": path, "hidden": 32}))
+    fails(["--checkpoint", path, "--results", str(results), "--value", "1"],
+          f"--results {results} is for a model of 32 units, --checkpoint {path} has 16", capsys)
+    results.write_text(json.dumps({"neuron": 3, "neuron_sign": 1, "checkpoint": "/elsewhere/ckpt.pt", "hidden": 16}))
+    err = run(["--checkpoint", path, "--results", str(results), "--value", "1", "--length", "3"], capsys).err
+    warning = f"warning: --results {results} was made with /elsewhere/ckpt.pt, not --checkpoint {path}\n"
+    assert err.startswith(warning), err
+    results.write_text(json.dumps({"neuron": 3, "neuron_sign": 1, "checkpoint": os.path.abspath(path), "hidden": 16}))
+    err = run(["--checkpoint", path, "--results", str(results), "--value", "1", "--length", "3"], capsys).err
+    assert "warning" not in err, err
 
 
 def fails(argv, message, capsys):
@@ -194,12 +219,13 @@ def fails(argv, message, capsys):
     assert message in said and "Traceback" not in said, said
 
 
-def test_the_released_model_is_the_default_and_knows_english():
+def test_the_released_model_is_the_default_and_knows_english(tmp_path):
     """models/: what transfer.py and generate.py load when no --checkpoint is given. Under the issue's 15 MB, fp16
     on disk, and trained: far fewer bits per byte on a review than on the same bytes shuffled."""
     a = generate.parse_args([])
     assert os.path.samefile(a.checkpoint, mlstm.RELEASED)
-    assert os.path.samefile(transfer.parse_args(["--task", "sst2", "--data-dir", "x"]).checkpoint, mlstm.RELEASED)
+    b = transfer.parse_args(["--task", "sst2", "--data-dir", "x", "--out", str(tmp_path)])  # --out: not into models/
+    assert os.path.samefile(b.checkpoint, mlstm.RELEASED)
     assert os.path.getsize(mlstm.RELEASED) <= 15e6
     assert all(w.dtype == torch.float16 for w in torch.load(mlstm.RELEASED, weights_only=True)["model"].values())
     model, _ = mlstm.load_pretrained(mlstm.RELEASED)

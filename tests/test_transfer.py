@@ -3,6 +3,7 @@ the loaders and their errors, the command line end to end on a tiny checkpoint."
 import gzip
 import io
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -116,11 +117,32 @@ def test_read_labeled_errors(tmp_path, content, message):
     assert "bad.csv" in str(e.value)
 
 
-def test_read_labeled_missing_and_bad_json(tmp_path):
+def test_read_labeled_missing(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         transfer.read_labeled(str(tmp_path / "none.csv"))
-    with pytest.raises(DataError, match="bad.jsonl: cannot read"):
-        transfer.read_labeled(write(tmp_path / "bad.jsonl", '{"text": "a", "label": 1}\nnot json\n'))
+
+
+ROW = '{"text": "a", "label": 1}'
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("bad.jsonl", f"{ROW}\n\n{ROW}\nnot json\n", "bad.jsonl:4: not valid JSON (Expecting value)"),
+    ("bad.jsonl", f'{ROW}\n{{"text": "b", "label": 0,}}\n', "bad.jsonl:2: not valid JSON (Expecting property name"),
+    ("array.json", f"[{ROW}, {ROW}]\n", "array.json:1: a JSON array; expected one JSON object per line"),
+    ("pretty.json", f"[\n {ROW}\n]\n", "pretty.json:1: a JSON array; expected one JSON object per line"),
+    ("a.txt", "text,label\n", "unknown format '.txt' (expected .csv, .tsv, .jsonl or .json, optionally .gz)"),
+])
+def test_read_labeled_json_errors_name_the_line(tmp_path, name, content, message):
+    with pytest.raises(DataError) as e:
+        transfer.read_labeled(write(tmp_path / name, content))
+    assert message in str(e.value) and "\n" not in str(e.value), e.value
+
+
+def test_read_labeled_excel_bom_and_long_reviews(tmp_path):
+    long = "a fine film " * 20_000  # 240,000 characters: over csv's default field limit of 131,072
+    (tmp_path / "excel.csv").write_bytes("\ufefftext,label\n".encode() + f'"{long}",pos\n"short, bad",neg\n'.encode())
+    t, y = transfer.read_labeled(str(tmp_path / "excel.csv"))
+    assert (t, y.tolist()) == ([long, "short, bad"], [1, 0]), "the byte-order mark or the long field was not read"
 
 
 def imdb_tar(tmp_path, n=5):
@@ -155,6 +177,23 @@ def test_heatmap_html_escapes_and_checks():
         transfer.heatmap_html([b"abc"], [[1, 2]])
 
 
+def toy_task(tmp_path, n_train=60, n_test=30):
+    """train.csv and test.csv of a separable toy task in tmp_path: 'wonderful great' vs 'awful bad'."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = [("1", "wonderful great " * int(k)) if i % 2 else ("0", "awful bad " * int(k))
+                for i, k in enumerate(rng.integers(1, 4, n))]
+        write(tmp_path / f"{split}.csv", "label,text\n" + "".join(f"{y},{t}\n" for y, t in rows))
+    return ["--train", str(tmp_path / "train.csv"), "--test", str(tmp_path / "test.csv")]
+
+
+def tiny_checkpoint(tmp_path, hidden=16):
+    path = str(tmp_path / "ckpt.pt")
+    config = {"hidden": hidden, "embed": 8, "no_weight_norm": False, "dtype": "fp32"}
+    train.save_checkpoint(path, {"model": tiny_model(hidden=hidden).state_dict(), "config": config})
+    return path
+
+
 def test_cli_end_to_end(tmp_path, capsys):
     """A tiny train.py checkpoint, a separable toy task, the whole CLI: results JSON, heatmap, cache."""
     corpus = write(tmp_path / "corpus.txt", "".join(f"this is line {i} of a tiny corpus\n" for i in range(200)))
@@ -162,14 +201,8 @@ def test_cli_end_to_end(tmp_path, capsys):
                                  "--embed", "8", "--batch-size", "4", "--seq-len", "16", "--iters", "3",
                                  "--eval-every", "1000", "--log-every", "1", "--save-every", "3", "--sample-chars", "0",
                                  "--cache-dir", str(tmp_path / "prep"), "--device", "cpu"]))
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 60), ("test", 30)):
-        rows = [("1", "wonderful great " * int(k)) if i % 2 else ("0", "awful bad " * int(k))
-                for i, k in enumerate(rng.integers(1, 4, n))]
-        write(tmp_path / f"{split}.csv", "label,text\n" + "".join(f"{y},{t}\n" for y, t in rows))
-    argv = ["--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--train", str(tmp_path / "train.csv"),
-            "--test", str(tmp_path / "test.csv"), "--json", str(tmp_path / "r.json"), "--device", "cpu",
-            "--bow-vocab", "50"]
+    argv = ["--checkpoint", str(tmp_path / "run" / "ckpt.pt"), *toy_task(tmp_path), "--json", str(tmp_path / "r.json"),
+            "--device", "cpu", "--bow-vocab", "50"]
     res = transfer.run(transfer.parse_args(argv), log=lambda *a: None)
     saved = json.load(open(tmp_path / "r.json"))
     for key in ("test_acc", "val_acc", "C", "nonzero", "neuron", "neuron_test_acc", "baseline_test_acc"):
@@ -185,3 +218,51 @@ def test_cli_end_to_end(tmp_path, capsys):
     skip = transfer.run(transfer.parse_args(argv[:-1] + ["0"]), log=lines.append)  # --bow-vocab 0: no baseline
     assert skip["baseline"] is None and skip["baseline_test_acc"] is None and skip["test_acc"] == res["test_acc"]
     assert not any("bag of" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("cut", [0, 40, -8])  # empty, header cut short, data cut short
+def test_damaged_feature_cache_is_a_miss(tmp_path, cut):
+    model, bs, ckpt = tiny_model(), texts(), write(tmp_path / "c.pt", "stands in for the checkpoint")
+    X, hit = transfer.cached_features(model, ckpt, "train", bs, str(tmp_path / "cache"))
+    (path,) = (tmp_path / "cache").iterdir()
+    path.write_bytes(path.read_bytes()[:cut])  # a crash, a full disk
+    again, hit = transfer.cached_features(model, ckpt, "train", bs, str(tmp_path / "cache"))
+    assert not hit and np.array_equal(again, X), "a damaged cache file was not featurised again"
+    assert transfer.cached_features(model, ckpt, "train", bs, str(tmp_path / "cache"))[1], "not overwritten"
+
+
+def test_outputs_are_written_whole_and_results_last(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    argv = ["--checkpoint", tiny_checkpoint(tmp_path), *toy_task(tmp_path, 24, 12), "--out", str(out),
+            "--device", "cpu", "--bow-vocab", "0", "--heatmap", "3", "--heatmap-bytes", "12"]
+    transfer.run(transfer.parse_args(argv), log=lambda *a: None)
+    shown = re.findall(r'<div class="t">(.*?)</div>', (out / "heatmap.html").read_text())
+    shown = [re.sub("<[^>]*>", "", t) for t in shown]  # the text, without its one span per character
+    want = ["\u21b5 wonderful ", "\u21b5 wonderful ", "\u21b5 awful bad "]  # 2 positive, 1 negative; 12 bytes each
+    assert shown == want, f"--heatmap 3 --heatmap-bytes 12 showed {shown}"
+    assert sorted(f.name for f in out.iterdir()) == ["heatmap.html", "histogram.txt", "results.json"]
+    (out / "results.json").write_text("earlier run")
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(transfer, "histogram_text", fail)
+    with pytest.raises(OSError, match="disk full"):
+        transfer.run(transfer.parse_args(argv), log=lambda *a: None)
+    assert (out / "results.json").read_text() == "earlier run", "results.json written before the other outputs"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--heatmap", "-1"], "--heatmap must be >= 0"),
+    (["--heatmap-bytes", "0"], "--heatmap-bytes must be >= 1"),
+    (["--device", "bogus"], "--device bogus: expected cpu, cuda or cuda:N"),
+    (["--out", "{tmp}/ckpt.pt/out"], "--out {tmp}/ckpt.pt/out: cannot create the folder"),
+    (["--json", "{tmp}/none/r.json"], "--json {tmp}/none/r.json: not a file name in an existing, writable folder"),
+    (["--json", "{tmp}"], "--json {tmp}: not a file name"),
+])
+def test_bad_flags_are_clear_errors(tmp_path, capsys, flags, message):
+    ckpt = write(tmp_path / "ckpt.pt", "checked only once the flags are")
+    with pytest.raises(SystemExit):
+        transfer.parse_args(["--checkpoint", ckpt, "--train", "a.csv", "--test", "b.csv",
+                             *(f.format(tmp=tmp_path) for f in flags)])
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and "Traceback" not in err, err
