@@ -6,8 +6,9 @@ cut into train/val/test shards 1000/1/1, read by many processes without shufflin
 - prepare(): raw sources -> DIR/{train,val,test}.bin (flat uint8 bytes) + .idx (int64 document
   offsets) + meta.json. Streams document by document: memory does not grow with the corpus.
   Sources: plain text (one document per line), JSON lines (field `reviewText` by default, the
-  Amazon dumps' format), CSV/TSV (a text column), any of these gzipped, and IMDB's `aclImdb` folder or
-  tarball (train/unsup + train/pos + train/neg; never test, which transfer.py holds out).
+  Amazon dumps' format), CSV/TSV (a text column), any of these compressed as its name says (.gz, .bz2,
+  .xz), and IMDB's `aclImdb` folder or tarball (train/unsup + train/pos + train/neg; never test, which
+  transfer.py holds out). DIR must be new, empty or a previous prepared corpus, which is replaced whole.
 - normalize(): the reference model's text preprocessing, also used by transfer.py.
 - ByteLoader: B rows, each reading its own contiguous stream, so window k+1 of a row starts where
   window k ended and the recurrent state carries over. The batch at step s is a pure function of s.
@@ -15,19 +16,28 @@ cut into train/val/test shards 1000/1/1, read by many processes without shufflin
     python data.py SOURCE [SOURCE ...] --out DIR [--text-field reviewText] [--val-frac 0.01]
 """
 import argparse
+import bz2
+import contextlib
 import csv
 import gzip
 import hashlib
 import html
 import io
 import json
+import lzma
 import os
 import random
 import shutil
 import sys
 import tarfile
+import zlib
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; there, two preparations of one folder must not overlap
+    fcntl = None
 
 SPLITS = ("train", "val", "test")
 
@@ -46,9 +56,29 @@ class DataError(Exception):
     """Bad input: the message names the file and the problem."""
 
 
+# Compressions read by their extension, and the magic numbers that tell what a file really is (bz2's with its
+# block size digit and first block's magic: a text may well begin with "BZh").
+DECOMPRESS = {".gz": ("gzip", gzip.open), ".bz2": ("bz2", bz2.open), ".xz": ("xz", lzma.open)}
+MAGIC = {b"\x1f\x8b": "gzip", **{b"BZh%d1AY&SY" % n: "bz2" for n in range(1, 10)}, b"\xfd7zXZ\x00": "xz",
+         b"PK\x03\x04": "zip", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
 def _open_text(path):
-    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+    """Text of a source, decompressed by its extension; a file compressed otherwise is an error, not read as text.
+    utf-8-sig drops the byte-order mark of Excel's "CSV UTF-8" (it would otherwise prefix the first column name)."""
+    raw = open(path, "rb")
+    head = raw.peek(10)[:10]  # peek, not read: a pipe (<(zcat ...)) cannot be read twice
+    found = next((fmt for magic, fmt in MAGIC.items() if head.startswith(magic)), None)
+    named, opener = DECOMPRESS.get(os.path.splitext(path)[1], (None, None))
+    if found and found != named:
+        raw.close()
+        ext = next((ext for ext, (fmt, _) in DECOMPRESS.items() if fmt == found), None)
+        raise DataError(f"{path}: compressed with {found} but not named *{ext}; rename it" if ext else
+                        f"{path}: compressed with {found}; decompress it first, or use .gz/.bz2/.xz")
+    if opener:
+        raw.close()
+        raw = opener(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
 
 
 # The longest line (document) read, in characters: a longer one is skipped and counted, read in bounded pieces,
@@ -74,7 +104,8 @@ def _lines(f, skip, limit=None):
 
 
 def _kind(path):
-    name = path[:-3] if path.endswith(".gz") else path
+    base, ext = os.path.splitext(path)
+    name = base if ext in DECOMPRESS else path
     if os.path.isdir(path) or ".tar" in os.path.basename(path) or path.endswith(".tgz"):
         return "imdb"
     for ext, kind in ((".jsonl", "json"), (".json", "json"), (".csv", "csv"), (".tsv", "tsv")):
@@ -146,36 +177,92 @@ def documents(path, text_field="reviewText", stats=None):
                     else:
                         skip(lineno, f"no string field {text_field!r}")
             elif kind in ("csv", "tsv"):
-                reader = csv.DictReader(f, delimiter="," if kind == "csv" else "\t")
+                # Lines come from _lines, so a line over MAX_LINE is skipped and counted as in the other kinds, and
+                # the csv module's field limit (131,072 by default) rises to MAX_LINE; only a quoted field over
+                # several lines adding up to more fails: the rest of its record cannot be told from new rows.
+                csv.field_size_limit(MAX_LINE)
+                lineno = [1]  # of the last line read: a skipped row's line (its last, for a multi-line row)
+                lines = (line for lineno[0], line in _lines(f, skip))
+                reader = csv.DictReader(lines, delimiter="," if kind == "csv" else "\t")
                 fields = reader.fieldnames or []
                 column = text_field if text_field in fields else next(
                     (c for c in ("text", "sentence", "review") if c in fields), None)
                 if column is None:
                     raise DataError(f"{path}: no text column {text_field!r} (columns: {fields})")
-                for lineno, row in enumerate(reader, 2):
+                for row in reader:
                     if row.get(column):
                         yield row[column]
                     else:
-                        skip(lineno, f"empty or missing {column!r}")
+                        skip(lineno[0], f"empty or missing {column!r}")
             else:
                 for _, line in _lines(f, skip):
                     if line.strip():
                         yield line
-    except (OSError, EOFError, csv.Error) as e:  # e.g. a truncated .gz, a binary file in CSV
+    except (OSError, EOFError, csv.Error, zlib.error, lzma.LZMAError) as e:  # a truncated/corrupt archive, binary CSV
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})")
 
 
-def prepare(sources, out_dir, text_field="reviewText", val_frac=0.01, test_frac=0.01, seed=0, log=print):
+# Everything prepare() writes into its folder: a folder holding only these (and meta.json) is a prepared corpus.
+CORPUS_FILES = {f"{s}.{ext}" for s in SPLITS for ext in ("bin", "idx")} | {"meta.json"}
+
+
+def _only_corpus_files(folder, complete):
+    """Whether folder is a folder holding nothing but prepare()'s files, and if `complete` either none or meta.json."""
+    if not os.path.isdir(folder):
+        return False
+    names = set(os.listdir(folder))
+    return names <= CORPUS_FILES and (not complete or not names or "meta.json" in names)
+
+
+def _check_out(out_dir):
+    if os.path.lexists(out_dir) and not _only_corpus_files(out_dir, complete=True):
+        raise DataError(f"{out_dir}: exists and is neither empty nor a prepared corpus; refusing to replace it, "
+                        f"choose another output folder")
+
+
+@contextlib.contextmanager
+def _locked(out_dir):
+    """Hold OUT.lock: one preparation of out_dir at a time, across processes (two train.py runs started together).
+    The lock file stays: deleting it would let a third process lock a new file while a second waits on the old."""
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    with open(out_dir + ".lock", "a") as f:
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def prepare(sources, out_dir, text_field="reviewText", val_frac=0.01, test_frac=0.01, seed=0, log=print, reuse=False):
     """Stream `sources` into out_dir/{split}.bin + {split}.idx + meta.json; returns the meta dict.
 
     Each document goes to val with probability val_frac, test with test_frac, else train, drawn
     from a generator seeded by `seed`: the split is a pure function of the sources' contents+order.
-    Written into a temporary folder renamed at the end: an interrupted run leaves nothing half-made.
+    out_dir must be new, empty or a previous prepared corpus, and hold no source. The corpus is written into
+    OUT.tmp, then swapped in (the old one renamed to OUT.old, the new one to OUT, then OUT.old deleted): an
+    interrupted run leaves the old corpus or the new one, never half of one. With reuse=True, a corpus another
+    process prepared in out_dir while this one waited for the lock is returned as it is.
     """
     if not 0 <= val_frac < 1 or not 0 <= test_frac < 1 or val_frac + test_frac >= 1:
         raise DataError(f"bad split fractions val={val_frac} test={test_frac}")
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    out_dir = os.path.abspath(out_dir)
+    real_out = os.path.realpath(out_dir)
+    for src in sources:
+        if os.path.commonpath([os.path.realpath(src), real_out]) == real_out:
+            raise DataError(f"{src}: the source lies inside the output folder {out_dir}; choose another one")
+    with _locked(out_dir):
+        if reuse and os.path.isfile(os.path.join(out_dir, "meta.json")):
+            with open(os.path.join(out_dir, "meta.json")) as f:
+                return json.load(f)
+        return _write(sources, out_dir, text_field, val_frac, test_frac, seed, log)
+
+
+def _write(sources, out_dir, text_field, val_frac, test_frac, seed, log):
+    """prepare() once the lock is held."""
+    tmp, old = out_dir + ".tmp", out_dir + ".old"
+    _check_out(out_dir)
+    for leftover in (tmp, old):  # from an interrupted run: deleted only if it holds nothing else
+        if os.path.lexists(leftover) and not _only_corpus_files(leftover, complete=False):
+            raise DataError(f"{leftover}: is in the way (not a temporary folder of data.py); move it away")
+        shutil.rmtree(leftover, ignore_errors=True)
     os.makedirs(tmp)
     rng = random.Random(seed)
     stats = {"skipped": 0, "examples": []}
@@ -211,25 +298,44 @@ def prepare(sources, out_dir, text_field="reviewText", val_frac=0.01, test_frac=
             "test_frac": test_frac, "seed": seed, "bytes": pos, "documents": docs, "skipped": stats["skipped"]}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    shutil.rmtree(out_dir, ignore_errors=True)
+    _check_out(out_dir)  # again: something may have been put there during the run
+    if os.path.lexists(out_dir):
+        os.replace(out_dir, old)
     os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
     log(f"prepare: {out_dir}: " + ", ".join(f"{s} {docs[s]} docs {pos[s] / 1e6:.2f} MB" for s in SPLITS))
     return meta
 
 
+def _fingerprint(path):
+    """Size and mtime of a file; of a folder, those of every file under it with their names (writing a file
+    inside a folder leaves the folder's own size and mtime as they were)."""
+    if not os.path.isdir(path):
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+    h = hashlib.sha1()  # about 0.6 s for IMDB's 100k files
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        rel = os.fsencode(os.path.relpath(root, path))
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            h.update(rel + b"/" + os.fsencode(name) + b"\0%d\0%d\n" % (st.st_size, st.st_mtime_ns))
+    return [h.hexdigest()]
+
+
 def resolve(data, cache_dir, text_field="reviewText", val_frac=0.01, test_frac=0.01, seed=0, log=print):
-    """A prepared corpus folder for `data`: itself if it holds meta.json, else a cached preparation
-    keyed by the source's path, size, mtime and the split settings (prepared on first use)."""
+    """A prepared corpus folder for `data`: itself if it holds meta.json, else a cached preparation keyed by
+    the source's path, size and mtime (a folder's: its files') and the split settings (prepared on first use,
+    once: a second process asking for it meanwhile waits for the first one's)."""
     if os.path.isdir(data) and os.path.isfile(os.path.join(data, "meta.json")):
         return data
     if not os.path.exists(data):
         raise DataError(f"{data}: no such file or folder")
-    st = os.stat(data)
-    key = json.dumps([os.path.abspath(data), st.st_size, st.st_mtime_ns, text_field, val_frac, test_frac, seed])
+    key = json.dumps([os.path.abspath(data), *_fingerprint(data), text_field, val_frac, test_frac, seed])
     out = os.path.join(cache_dir, os.path.basename(os.path.normpath(data)) + "-" + hashlib.sha1(key.encode()).hexdigest()[:10])
     if not os.path.isfile(os.path.join(out, "meta.json")):
         log(f"prepare: {data} -> {out}")
-        prepare([data], out, text_field, val_frac, test_frac, seed, log)
+        prepare([data], out, text_field, val_frac, test_frac, seed, log, reuse=True)
     return out
 
 
@@ -273,8 +379,9 @@ class ByteLoader:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Prepare a byte corpus for train.py.")
-    p.add_argument("sources", nargs="+", help="text / .jsonl[.gz] / .csv / .tsv files, an aclImdb folder or tarball")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("sources", nargs="+",
+                   help="text / .jsonl / .csv / .tsv files (or .gz/.bz2/.xz), an aclImdb folder or tarball")
+    p.add_argument("--out", required=True, help="output folder: new, empty or a corpus to replace")
     p.add_argument("--text-field", default="reviewText", help="JSON field or CSV column holding the text")
     p.add_argument("--val-frac", type=float, default=0.01, help="share of documents in val (paper: 0.001)")
     p.add_argument("--test-frac", type=float, default=0.01, help="share of documents in test (paper: 0.001)")
@@ -284,3 +391,6 @@ if __name__ == "__main__":
         prepare(a.sources, a.out, a.text_field, a.val_frac, a.test_frac, a.seed)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # the partial output is already removed, a previous corpus in --out kept
+        print(f"interrupted: {a.out} left as it was", file=sys.stderr)
+        sys.exit(130)

@@ -1,14 +1,24 @@
 """data.py: normalisation, preparation from every source kind, bad input, and the BPTT loader."""
+import bz2
+import csv
 import gzip
 import io
 import json
+import lzma
 import os
+import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import zipfile
 
 import numpy as np
 import pytest
 
 import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_imdb(root, n=3):
@@ -99,6 +109,183 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     (tmp_path / "small.bin").write_bytes(b"abc")
     with pytest.raises(data.DataError, match="too small"):
         data.ByteLoader(str(tmp_path / "small.bin"), batch_size=2, seq_len=4)
+
+
+
+def quiet(*a):
+    pass
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_prepare_never_deletes_what_it_did_not_write(tmp_path):
+    x = tmp_path / "x"
+    x.mkdir()
+    (x / "reviews.txt").write_text("a review\n" * 20)
+    (x / "notes.txt").write_text("mine")
+    with pytest.raises(data.DataError, match=r"reviews\.txt: the source lies inside the output folder .*x"):
+        data.prepare([str(x / "reviews.txt")], str(x), log=quiet)
+    p = cli("reviews.txt", "--out", ".", cwd=x)
+    assert p.returncode == 1 and p.stderr.startswith("error: reviews.txt: the source lies inside the output folder"), \
+        p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
+    (tmp_path / "src.txt").write_text("another review\n" * 20)
+    with pytest.raises(data.DataError, match=r"x: exists and is neither empty nor a prepared corpus"):
+        data.prepare([str(tmp_path / "src.txt")], str(x), log=quiet)
+    assert sorted(os.listdir(x)) == ["notes.txt", "reviews.txt"], "files of the output folder were deleted"
+    (tmp_path / "c.tmp").mkdir()  # a folder of the user's where the temporary folder goes
+    (tmp_path / "c.tmp" / "notes.txt").write_text("mine")
+    with pytest.raises(data.DataError, match=r"c\.tmp: is in the way"):
+        data.prepare([str(tmp_path / "src.txt")], str(tmp_path / "c"), log=quiet)
+    assert os.listdir(tmp_path / "c.tmp") == ["notes.txt"]
+
+
+def test_prepare_replaces_a_previous_corpus_whole(tmp_path, monkeypatch):
+    (tmp_path / "src.txt").write_text("".join(f"review {i}\n" for i in range(50)))
+    out = str(tmp_path / "c")
+    old = data.prepare([str(tmp_path / "src.txt")], out, seed=1, log=quiet)
+    old_train = read_split(out, "train")
+    os.makedirs(out + ".tmp")  # a leftover of a killed run: only prepare's files, so it is cleaned
+    open(os.path.join(out + ".tmp", "train.bin"), "wb").close()
+    replace = os.replace
+
+    def killed_while_swapping(a, b):  # the run dies between moving the old corpus aside and the new one in
+        if a.endswith(".tmp"):
+            raise KeyboardInterrupt
+        replace(a, b)
+
+    monkeypatch.setattr(os, "replace", killed_while_swapping)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare([str(tmp_path / "src.txt")], out, seed=2, log=quiet)
+    assert not os.path.exists(out), "a half corpus"
+    assert read_split(out + ".old", "train") == old_train and os.path.isfile(os.path.join(out + ".old", "meta.json")), \
+        "the previous corpus was lost"
+    monkeypatch.setattr(os, "replace", replace)
+    new = data.prepare([str(tmp_path / "src.txt")], out, seed=2, log=quiet)
+    assert (old["seed"], new["seed"]) == (1, 2) and json.load(open(os.path.join(out, "meta.json")))["seed"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["c", "c.lock", "src.txt"], os.listdir(tmp_path)
+
+
+WAIT_FOR_THE_LOCK = """
+import fcntl, sys, types
+import data
+
+def flock(f, op):  # says when this process has to wait for the lock
+    try:
+        fcntl.flock(f, op | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("waiting", flush=True)
+        fcntl.flock(f, op)
+
+data.fcntl = types.SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB)
+print(data.resolve(sys.argv[1], sys.argv[2], log=lambda *a: None))
+"""
+
+
+def test_resolve_waits_for_a_preparation_in_progress_and_uses_it(tmp_path):
+    """Two train.py runs started together on one raw source: the second waits for the first one's corpus
+    (here the test is the first: it holds OUT.lock, then puts a corpus in place) instead of preparing again."""
+    fcntl = pytest.importorskip("fcntl")
+    (tmp_path / "src.txt").write_text("a review\n" * 50)
+    out = data.resolve(str(tmp_path / "src.txt"), str(tmp_path / "cache"), log=quiet)
+    shutil.rmtree(out)
+    with open(out + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        second = subprocess.Popen([sys.executable, "-c", WAIT_FOR_THE_LOCK, str(tmp_path / "src.txt"),
+                                   str(tmp_path / "cache")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        said = second.stdout.readline()
+        if said == "waiting\n":
+            os.makedirs(out)
+            with open(os.path.join(out, "meta.json"), "w") as f:
+                json.dump({"by": "the first process"}, f)
+    said += second.communicate(timeout=60)[0]
+    assert second.returncode == 0 and said == f"waiting\n{out}\n", f"the second process did not wait: {said!r}"
+    assert os.listdir(out) == ["meta.json"] and json.load(open(os.path.join(out, "meta.json"))) == {
+        "by": "the first process"}, "the second process prepared the corpus again"
+
+
+def test_resolve_sees_files_change_inside_a_folder_source(tmp_path):
+    write_imdb(str(tmp_path / "src"))
+    a = data.resolve(str(tmp_path / "src"), str(tmp_path / "cache"), val_frac=0, test_frac=0, log=quiet)
+    folder = os.stat(tmp_path / "src" / "aclImdb" / "train" / "pos")
+    (tmp_path / "src" / "aclImdb" / "train" / "pos" / "1_7.txt").write_text("rewritten")
+    assert os.stat(tmp_path / "src" / "aclImdb" / "train" / "pos").st_mtime_ns == folder.st_mtime_ns
+    b = data.resolve(str(tmp_path / "src"), str(tmp_path / "cache"), val_frac=0, test_frac=0, log=quiet)
+    assert a != b and b"\n rewritten " in read_split(b, "train"), "the cached corpus is stale"
+    assert data.resolve(str(tmp_path / "src"), str(tmp_path / "cache"), val_frac=0, test_frac=0, log=quiet) == b
+
+
+def test_bz2_xz_and_mislabelled_compressed_sources(tmp_path):
+    lines = "\n".join(json.dumps({"reviewText": f"review {i}"}) for i in range(3)) + "\n"
+    want = [data.normalize(f"review {i}") for i in range(3)]
+    for name, compress in (("r.jsonl.bz2", bz2.compress), ("r.jsonl.xz", lzma.compress)):
+        (tmp_path / name).write_bytes(compress(lines.encode()))
+        data.prepare([str(tmp_path / name)], str(tmp_path / name) + ".out", val_frac=0, test_frac=0, log=quiet)
+        assert read_split(str(tmp_path / name) + ".out", "train") == want, name
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w") as z:
+        z.writestr("r.jsonl", lines)
+    (tmp_path / "gz.txt").write_bytes(gzip.compress(b"hello\n"))
+    (tmp_path / "xz.gz").write_bytes(lzma.compress(b"hello\n"))
+    (tmp_path / "bz.jsonl").write_bytes(bz2.compress(lines.encode()))
+    (tmp_path / "r.zip").write_bytes(zipped.getvalue())
+    (tmp_path / "r.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 20)
+    for name, message in (("gz.txt", "gz.txt: compressed with gzip but not named *.gz"),
+                          ("xz.gz", "xz.gz: compressed with xz but not named *.xz"),
+                          ("bz.jsonl", "bz.jsonl: compressed with bz2 but not named *.bz2"),
+                          ("r.zip", "r.zip: compressed with zip; decompress it first, or use .gz/.bz2/.xz"),
+                          ("r.zst", "r.zst: compressed with zstd; decompress it first")):
+        with pytest.raises(data.DataError) as e:
+            data.prepare([str(tmp_path / name)], str(tmp_path / "o"), log=quiet)
+        assert message in str(e.value), e.value
+    (tmp_path / "bzh.txt").write_text("BZh9 is where this text starts\n")  # a text, not bz2
+    data.prepare([str(tmp_path / "bzh.txt")], str(tmp_path / "o"), val_frac=0, test_frac=0, log=quiet)
+    corrupt = bytearray(gzip.compress(b"hello world\n" * 1000))
+    corrupt[20:30] = b"\xff" * 10  # a bad deflate stream: zlib.error, not OSError
+    (tmp_path / "bad.txt.gz").write_bytes(bytes(corrupt))
+    (tmp_path / "bad.txt.xz").write_bytes(lzma.compress(b"hello world\n" * 1000)[:-30] + b"\0" * 30)
+    for name in ("bad.txt.gz", "bad.txt.xz"):
+        with pytest.raises(data.DataError, match=name + ": cannot read"):
+            data.prepare([str(tmp_path / name)], str(tmp_path / "o2"), log=quiet)
+
+
+def test_csv_long_fields_and_excel_byte_order_mark(tmp_path, monkeypatch, request):
+    (tmp_path / "long.csv").write_text("text\n" + "x" * 200_000 + "\nshort\n")
+    data.prepare([str(tmp_path / "long.csv")], str(tmp_path / "o1"), val_frac=0, test_frac=0, log=quiet)
+    assert read_split(str(tmp_path / "o1"), "train") == [data.normalize("x" * 200_000), b"\n short "]
+    (tmp_path / "excel.csv").write_text("text,label\nfine,1\n", encoding="utf-8-sig")
+    data.prepare([str(tmp_path / "excel.csv")], str(tmp_path / "o2"), val_frac=0, test_frac=0, log=quiet)
+    assert read_split(str(tmp_path / "o2"), "train") == [b"\n fine "]
+    request.addfinalizer(lambda limit=csv.field_size_limit(): csv.field_size_limit(limit))
+    monkeypatch.setattr(data, "MAX_LINE", 100)
+    (tmp_path / "over.csv").write_text("id,text\n1,short\n2," + "y" * 1000 + "\n3,after\n")
+    logs = []
+    meta = data.prepare([str(tmp_path / "over.csv")], str(tmp_path / "o3"), val_frac=0, test_frac=0, log=logs.append)
+    assert read_split(str(tmp_path / "o3"), "train") == [b"\n short ", b"\n after "] and meta["skipped"] == 1
+    assert "over.csv:3: line longer than 100 characters" in logs[0], logs
+    (tmp_path / "lines.csv").write_text('text\n"' + "z\n" * 60 + '"\n')  # one field of 120 characters
+    with pytest.raises(data.DataError, match="lines.csv: cannot read .*field larger than field limit"):
+        data.prepare([str(tmp_path / "lines.csv")], str(tmp_path / "o4"), log=quiet)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe")
+def test_ctrl_c_exits_with_one_line_and_keeps_the_previous_corpus(tmp_path):
+    (tmp_path / "old.txt").write_text("old review\n" * 20)
+    assert cli("old.txt", "--out", "out", cwd=tmp_path).returncode == 0
+    os.mkfifo(tmp_path / "pipe.txt")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "data.py"), "pipe.txt", "--out", "out"], cwd=tmp_path,
+                         stderr=subprocess.PIPE, text=True)
+    with open(tmp_path / "pipe.txt", "w") as pipe:  # opens once data.py reads it: it is inside prepare()
+        pipe.write("new review\n" * 20)
+        pipe.flush()
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and err == "interrupted: out left as it was\n", err
+    assert set(read_split(str(tmp_path / "out"), "train")) == {b"\n old review "}
+    assert not os.path.exists(tmp_path / "out.tmp")
 
 
 def make_bin(tmp_path, n=10_000):

@@ -495,7 +495,8 @@ def prepare(path, **kw):
     ("garbage.jsonl", random.Random(2).randbytes(3000), "garbage.jsonl: no documents found (empty corpus); skipped"),
     ("garbage.csv", random.Random(3).randbytes(3000), "garbage.csv: "),
     ("wrong_field.jsonl", b'{"text": "a review"}\n' * 3, "skipped 3 lines, e.g. "),
-    ("huge_field.csv", b"text\n" + b"x" * 200_000 + b"\n", "huge_field.csv: cannot read (Error: field larger"),
+    # a quoted field over many lines, longer in all than data.MAX_LINE (a field of 200,000 on one line is read)
+    ("huge_field.csv", b'text\n"' + b"x\n" * (2**21 + 1) + b'"\n', "huge_field.csv: cannot read (Error: field larger"),
 ])
 def test_hostile_corpus_files_get_a_clear_error_naming_them(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
