@@ -24,7 +24,7 @@ Features are cached as .npy in --cache-dir (default CKPT_DIR/features/, safe to 
 checkpoint's path, size and mtime, the texts' content and the feature options. Writes to --out (default
 CKPT_DIR/transfer-TASK/): results.json, heatmap.html (the neuron per byte), histogram.txt (+ .png).
 """
-import argparse, codecs, csv, gzip, hashlib, html, io, json, os, re, sys, time
+import argparse, codecs, csv, hashlib, html, json, lzma, os, re, sys, time, zlib
 from collections import Counter
 
 import numpy as np
@@ -66,18 +66,17 @@ def _json_row(path, n, line):
 
 
 def read_labeled(path, text_column="text", label_column="label"):
-    """(texts, labels int64 array) from a .csv / .tsv / .json(l) file (optionally .gz) with named columns."""
-    name = path[:-3] if path.endswith(".gz") else path
-    ext = os.path.splitext(name)[1].lower()
+    """(texts, labels int64 array) from a .csv / .tsv / .json(l) file (optionally .gz/.bz2/.xz) with named columns."""
+    base, ext = os.path.splitext(path)
+    ext = os.path.splitext(base if ext in data.DECOMPRESS else path)[1].lower()
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     if ext not in (".csv", ".tsv", ".jsonl", ".json"):
-        raise DataError(f"{path}: unknown format {ext!r} (expected .csv, .tsv, .jsonl or .json, optionally .gz)")
+        raise DataError(f"{path}: unknown format {ext!r} (expected .csv, .tsv, .jsonl or .json, optionally "
+                        ".gz/.bz2/.xz)")
     texts, labels = [], []
     try:
-        raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-        # utf-8-sig: drops the byte-order mark that Excel's "CSV UTF-8" puts before the header
-        with io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="") as f:
+        with data._open_text(path) as f:  # decompressed as named; without Excel's byte-order mark
             if ext in (".csv", ".tsv"):
                 csv.field_size_limit(data.MAX_LINE)  # the default 131,072 characters is shorter than some reviews
                 reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
@@ -95,7 +94,7 @@ def read_labeled(path, text_column="text", label_column="label"):
                     raise DataError(f"{path}:{n}: no {text_column!r} text or no {label_column!r} label")
                 texts.append(row[text_column])
                 labels.append(_label(row[label_column], f"{path}:{n}"))
-    except (OSError, EOFError, csv.Error, ValueError, RecursionError) as e:  # e.g. a JSON line nested too deep
+    except (OSError, EOFError, csv.Error, ValueError, RecursionError, zlib.error, lzma.LZMAError) as e:  # a bad archive
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})")
     if not texts:
         raise DataError(f"{path}: no labelled rows (empty split)")
@@ -529,7 +528,7 @@ def parse_args(argv=None):
                    help="train.py checkpoint or released model (.pt); default: the released model, %(default)s")
     p.add_argument("--task", choices=("sst2", "imdb"), help="a known dataset under --data-dir")
     p.add_argument("--data-dir", help="sst2: folder of train/dev/test.csv; imdb: aclImdb folder or tarball")
-    p.add_argument("--train", help="labelled .csv/.tsv/.jsonl/.json[.gz] file (instead of --task)")
+    p.add_argument("--train", help="labelled .csv/.tsv/.jsonl/.json file (optionally .gz/.bz2/.xz) (instead of --task)")
     p.add_argument("--val", help="validation file (default: --val-frac of --train)")
     p.add_argument("--test", help="test file")
     p.add_argument("--text-column", default="text")

@@ -1,8 +1,10 @@
 """transfer.py: featurisation (padding, chunking), the solvers against scikit-learn, the neuron finder,
 the loaders and their errors, the command line end to end on a tiny checkpoint."""
+import bz2
 import gzip
 import io
 import json
+import lzma
 import re
 import tarfile
 
@@ -100,9 +102,15 @@ def test_read_labeled_formats(tmp_path):
     files = [write(tmp_path / "a.csv", 'label,text\n1,good film\n0,"bad, awful"\n'),
              write(tmp_path / "a.tsv", "text\tlabel\ngood film\tpos\nbad, awful\tneg\n"),
              write(tmp_path / "a.jsonl.gz", '{"text": "good film", "label": 1}\n\n{"text": "bad, awful", "label": "0"}\n')]
+    for name, compress in (("b.csv.xz", lzma.compress), ("b.tsv.bz2", bz2.compress)):
+        (tmp_path / name).write_bytes(compress(open(files[name.endswith("bz2")], "rb").read()))
+        files.append(str(tmp_path / name))
     for f in files:
         t, y = transfer.read_labeled(f)
         assert (t, y.tolist()) == want, f
+    (tmp_path / "c.csv").write_bytes(lzma.compress(b"label,text\n1,x\n"))
+    with pytest.raises(DataError, match="c.csv: compressed with xz but not named"):
+        transfer.read_labeled(str(tmp_path / "c.csv"))
 
 
 @pytest.mark.parametrize("content,message", [
@@ -130,7 +138,7 @@ ROW = '{"text": "a", "label": 1}'
     ("bad.jsonl", f'{ROW}\n{{"text": "b", "label": 0,}}\n', "bad.jsonl:2: not valid JSON (Expecting property name"),
     ("array.json", f"[{ROW}, {ROW}]\n", "array.json:1: a JSON array; expected one JSON object per line"),
     ("pretty.json", f"[\n {ROW}\n]\n", "pretty.json:1: a JSON array; expected one JSON object per line"),
-    ("a.txt", "text,label\n", "unknown format '.txt' (expected .csv, .tsv, .jsonl or .json, optionally .gz)"),
+    ("a.txt", "text,label\n", "unknown format '.txt' (expected .csv, .tsv, .jsonl or .json, optionally .gz/.bz2/.xz)"),
 ])
 def test_read_labeled_json_errors_name_the_line(tmp_path, name, content, message):
     with pytest.raises(DataError) as e:
