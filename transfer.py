@@ -528,7 +528,7 @@ def parse_args(argv=None):
                    help="train.py checkpoint or released model (.pt); default: the released model, %(default)s")
     p.add_argument("--task", choices=("sst2", "imdb"), help="a known dataset under --data-dir")
     p.add_argument("--data-dir", help="sst2: folder of train/dev/test.csv; imdb: aclImdb folder or tarball")
-    p.add_argument("--train", help="labelled .csv/.tsv/.jsonl/.json file (optionally .gz/.bz2/.xz) (instead of --task)")
+    p.add_argument("--train", help="labelled .csv/.tsv/.jsonl/.json file, optionally .gz/.bz2/.xz (instead of --task)")
     p.add_argument("--val", help="validation file (default: --val-frac of --train)")
     p.add_argument("--test", help="test file")
     p.add_argument("--text-column", default="text")
