@@ -245,7 +245,9 @@ def prepare(sources, out_dir, text_field="reviewText", val_frac=0.01, test_frac=
         raise DataError(f"bad split fractions val={val_frac} test={test_frac}")
     out_dir = os.path.abspath(out_dir)
     real_out = os.path.realpath(out_dir)
-    for src in sources:
+    for src in sources:  # all checked before the first is read: a typo in the last one costs no wait
+        if not os.path.exists(src):
+            raise DataError(f"{src}: no such file or folder")
         if os.path.commonpath([os.path.realpath(src), real_out]) == real_out:
             raise DataError(f"{src}: the source lies inside the output folder {out_dir}; choose another one")
     with _locked(out_dir):

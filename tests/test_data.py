@@ -97,8 +97,11 @@ def test_imdb_folder_and_tarball_give_the_same_training_text_without_test(tmp_pa
 
 
 def test_bad_inputs_get_clear_errors(tmp_path):
-    with pytest.raises(data.DataError, match="nope.txt: no such file"):
-        data.prepare([str(tmp_path / "nope.txt")], str(tmp_path / "o"), log=lambda *a: None)
+    (tmp_path / "fine.txt").write_text("a review\n")
+    logs = []
+    with pytest.raises(data.DataError, match="nope.txt: no such file"):  # before fine.txt is read
+        data.prepare([str(tmp_path / "fine.txt"), str(tmp_path / "nope.txt")], str(tmp_path / "o"), log=logs.append)
+    assert logs == [] and not os.path.exists(str(tmp_path / "o") + ".lock"), logs
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(data.DataError, match="empty.txt: no documents found"):
         data.prepare([str(tmp_path / "empty.txt")], str(tmp_path / "o"), log=lambda *a: None)
