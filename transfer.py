@@ -492,6 +492,7 @@ def run(a, log=print):
     for name, r in rows:
         log(f"{name:<30}{r['C']:>10.4g}{r['nonzero']:>9}{r['train_acc']:>8.4f}{r['val_acc']:>8.4f}{r['test_acc']:>8.4f}")
     # Results last, each file whole: a run that fails on the way leaves no results.json beside older pictures.
+    os.makedirs(a.out, exist_ok=True)
     # The neuron per byte on a few test texts (half of each class, an odd one positive), and its final value per class.
     pick = [i for k, n in ((1, (a.heatmap + 1) // 2), (0, a.heatmap // 2)) for i in np.flatnonzero(y["test"] == k)[:n]]
     shown = [B["test"][i][: a.heatmap_bytes] for i in pick]
@@ -571,25 +572,26 @@ def parse_args(argv=None):
     ckpt_dir = os.path.dirname(os.path.abspath(a.checkpoint))
     a.cache_dir = a.cache_dir or os.path.join(ckpt_dir, "features")
     a.out = a.out or os.path.join(ckpt_dir, f"transfer-{a.task or 'files'}")
-    try:  # now, not after the featurising and fitting
-        os.makedirs(a.out, exist_ok=True)
-    except OSError as e:
-        p.error(f"--out {a.out}: cannot create the folder ({e.strerror})")
-    if not writable(a.out):
-        p.error(f"--out {a.out}: the folder is not writable")
+    existing = os.path.abspath(a.out)  # checked now, not after the featurising and fitting; created by run()
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not writable(existing):
+        p.error(f"--out {a.out}: {existing} is not a writable folder")
     if a.json and (os.path.isdir(a.json) or not writable(os.path.dirname(os.path.abspath(a.json)))):
         p.error(f"--json {a.json}: not a file name in an existing, writable folder")
     return a
 
 
 def check_device(p, device):
-    """p.error unless --device `device` can be used here: cpu, or cuda[:N] that exists (train.py's rule)."""
+    """p.error unless --device `device` can be used here: cpu, cuda[:N] that exists (train.py's rule), or mps
+    where Apple's GPU is there (inference only; untested here)."""
     try:
         dev = torch.device(device)
     except RuntimeError:
         dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        p.error(f"--device {device}: expected cpu, cuda or cuda:N")
+    mps = torch.backends.mps.is_available()
+    if dev is None or dev.type not in ("cpu", "cuda", "mps") or (dev.type == "mps" and not mps):
+        p.error(f"--device {device}: expected cpu, cuda or cuda:N" + (", mps" if mps else ""))
     if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
         p.error(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
 

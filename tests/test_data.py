@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import types
 import zipfile
 
 import numpy as np
@@ -219,6 +220,53 @@ def test_resolve_sees_files_change_inside_a_folder_source(tmp_path):
     b = data.resolve(str(tmp_path / "src"), str(tmp_path / "cache"), val_frac=0, test_frac=0, log=quiet)
     assert a != b and b"\n rewritten " in read_split(b, "train"), "the cached corpus is stale"
     assert data.resolve(str(tmp_path / "src"), str(tmp_path / "cache"), val_frac=0, test_frac=0, log=quiet) == b
+
+
+def test_a_cache_inside_a_folder_source_does_not_change_its_key(tmp_path):
+    write_imdb(str(tmp_path / "src"))
+    cache = str(tmp_path / "src" / "prepared")  # train.py's default --cache-dir inside a --data folder
+    outs = {data.resolve(str(tmp_path / "src"), cache, log=quiet) for _ in range(3)}
+    assert len(outs) == 1 and len(os.listdir(cache)) == 2, (outs, os.listdir(cache))  # the corpus and its lock
+
+
+def test_without_file_locks_preparation_goes_on_with_a_warning(tmp_path, monkeypatch):
+    def no_locks(f, op):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(data, "fcntl", types.SimpleNamespace(flock=no_locks, LOCK_EX=2))
+    (tmp_path / "s.txt").write_text("a review\n")
+    logs = []
+    data.prepare([str(tmp_path / "s.txt")], str(tmp_path / "o"), val_frac=0, test_frac=0, log=logs.append)
+    assert read_split(str(tmp_path / "o"), "train") == [b"\n a review "]
+    assert "no file lock" in logs[0] and "No locks available" in logs[0], logs
+
+
+def test_a_symlinked_out_is_written_through_and_a_refused_out_gets_no_lock(tmp_path):
+    (tmp_path / "s.txt").write_text("a review\n")
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    for _ in range(2):  # the second replaces the first corpus
+        data.prepare([str(tmp_path / "s.txt")], str(tmp_path / "link"), val_frac=0, test_frac=0, log=quiet)
+        assert os.path.islink(tmp_path / "link") and read_split(str(tmp_path / "real"), "train") == [b"\n a review "]
+    assert sorted(os.listdir(tmp_path)) == ["link", "real", "real.lock", "s.txt"], os.listdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes").write_text("mine")
+    with pytest.raises(data.DataError, match="mine: exists and is neither empty nor a prepared corpus"):
+        data.prepare([str(tmp_path / "s.txt")], str(tmp_path / "mine"), log=quiet)
+    assert not os.path.exists(tmp_path / "mine.lock")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe")
+def test_a_compressed_named_pipe_is_read_once(tmp_path):
+    os.mkfifo(tmp_path / "pipe.txt.gz")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "data.py"), "pipe.txt.gz", "--out", "out",
+                          "--val-frac", "0", "--test-frac", "0"], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    with open(tmp_path / "pipe.txt.gz", "wb") as pipe:
+        pipe.write(gzip.compress(b"a piped review\nanother\n"))
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert read_split(str(tmp_path / "out"), "train") == [b"\n a piped review ", b"\n another "]
 
 
 def test_bz2_xz_and_mislabelled_compressed_sources(tmp_path):

@@ -263,7 +263,7 @@ def test_outputs_are_written_whole_and_results_last(tmp_path, monkeypatch):
     (["--heatmap", "-1"], "--heatmap must be >= 0"),
     (["--heatmap-bytes", "0"], "--heatmap-bytes must be >= 1"),
     (["--device", "bogus"], "--device bogus: expected cpu, cuda or cuda:N"),
-    (["--out", "{tmp}/ckpt.pt/out"], "--out {tmp}/ckpt.pt/out: cannot create the folder"),
+    (["--out", "{tmp}/ckpt.pt/out"], "--out {tmp}/ckpt.pt/out: {tmp}/ckpt.pt is not a writable folder"),
     (["--json", "{tmp}/none/r.json"], "--json {tmp}/none/r.json: not a file name in an existing, writable folder"),
     (["--json", "{tmp}"], "--json {tmp}: not a file name"),
 ])
@@ -274,3 +274,10 @@ def test_bad_flags_are_clear_errors(tmp_path, capsys, flags, message):
                              *(f.format(tmp=tmp_path) for f in flags)])
     err = capsys.readouterr().err
     assert message.format(tmp=tmp_path) in err and "Traceback" not in err, err
+
+
+def test_parsing_creates_no_output_folder(tmp_path):
+    ckpt = write(tmp_path / "ckpt.pt", "checked only once the flags are")
+    a = transfer.parse_args(["--checkpoint", ckpt, "--train", "a.csv", "--test", "b.csv", "--out",
+                             str(tmp_path / "new" / "out")])
+    assert a.out == str(tmp_path / "new" / "out") and not (tmp_path / "new").exists(), "a failed run would leave it"
