@@ -35,6 +35,7 @@ import argparse
 import gc
 import importlib.util
 import json
+import math
 import os
 import statistics
 import sys
@@ -50,16 +51,20 @@ KINDS = ("ours", "graph", "triton", "graph-triton", "recompute", "plain", "lstm"
 CUDA_ONLY = ("graph", "triton", "graph-triton")
 
 # Dense (no sparsity) peak TFLOP/s per dtype from the vendors' datasheets. The first name found in
-# torch.cuda.get_device_name() wins, so the PCIe/NVL variants come before the plain "H100" (SXM).
+# torch.cuda.get_device_name() wins, so the PCIe/NVL variants come before the plain "H100"/"H200"/"V100" (SXM).
 # fp32 is the CUDA-core rate; tf32 is used for fp32 rows whose matmuls are allowed to run in TF32.
 HOPPER_SXM = {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67}
+HOPPER_NVL = {"bf16": 835, "fp16": 835, "tf32": 418, "fp32": 60}
 PEAKS = [
     ("H100 PCIe", {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51}),
-    ("H100 NVL", {"bf16": 835, "fp16": 835, "tf32": 418, "fp32": 60}),
+    ("H100 NVL", HOPPER_NVL),
     ("H100", HOPPER_SXM),
-    ("H200", HOPPER_SXM),  # same compute as the H100 SXM, more and faster memory
+    ("H200 NVL", HOPPER_NVL),
+    ("H200", HOPPER_SXM),  # also GH200: the H100 SXM's compute, more and faster memory
     ("A100", {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}),
-    ("V100", {"fp16": 125, "fp32": 15.7}),  # no bf16 or tf32 tensor cores
+    ("V100S", {"fp16": 130, "fp32": 16.4}),  # no bf16 or tf32 tensor cores on any V100
+    ("V100-PCIE", {"fp16": 112, "fp32": 14}),
+    ("V100", {"fp16": 125, "fp32": 15.7}),
 ]
 
 
@@ -183,7 +188,7 @@ def measure(kind, hidden, batch, seq_len, dtype="fp32", device="cpu", steps=10, 
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     row = dict(kind=kind, flops_per_char=flops_per_char(kind, hidden), ms_per_step=None, chars_per_s=None,
-               tflops=None, mfu=None, peak_mem_mib=None, skipped=None, error=None,
+               tflops=None, mfu=None, peak_tflops=None, peak_mem_mib=None, skipped=None, error=None,
                mem="cuda max allocated" if cuda else "growth of the process's peak RSS, order-dependent: one-time "
                "library loading falls on the first row, a row smaller than an earlier one shows ~0; use --only")
     if cuda:  # `peak` reads TF32 permission: torch's matmul flag for ours/plain, cuDNN's for the LSTM
@@ -207,20 +212,22 @@ def measure(kind, hidden, batch, seq_len, dtype="fp32", device="cpu", steps=10, 
         state = tuple(torch.zeros(shape, device=device, dtype=fp16.DTYPES[dtype]) for _ in "hc")
         times = []
         for k in range(warmup + steps):
+            if k == warmup:  # fp16 overflows of the warm-up steps are not the timed steps'
+                skipped0 = int(mp.skipped)
             sync()
             t0 = time.perf_counter()
             state = train_step(model, mp, opt, x, y, state)
             sync()
             if k >= warmup:
                 times.append(time.perf_counter() - t0)
-        skipped = int(mp.skipped)
+        skipped = int(mp.skipped) - skipped0
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
         return row  # the failed step's tensors go with this frame; the next row's empty_cache frees them
     s = statistics.median(times)
     row.update(ms_per_step=1e3 * s, chars_per_s=batch * seq_len / s, skipped=skipped)
     row["tflops"] = row["flops_per_char"] * row["chars_per_s"] / 1e12
-    row["mfu"] = row["tflops"] / peak if peak else None
+    row["mfu"], row["peak_tflops"] = (row["tflops"] / peak, peak) if peak else (None, None)
     row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else (
         max_rss_mib() - rss0 if rss0 is not None else None)
     return row
@@ -250,8 +257,6 @@ def table(rows):
 
 
 def main(a):
-    if a.json:  # before the runs, so that a bad path fails early
-        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
     device = torch.device(a.device)
     if device.type == "cuda":  # Triton kernels and CUDA graphs run on the current device: make it this one
         torch.cuda.set_device(device)
@@ -268,7 +273,9 @@ def main(a):
     rows = add_ratios([measure(k, a.hidden, a.batch_size, a.seq_len, a.dtype, device, a.steps, a.warmup_steps,
                                a.peak_tflops, segment=a.recompute) for k in a.only])
     print(table(rows))
-    print(f"peak MiB: {rows[0]['mem']}" + "".join(f"; {r['kind']}: {r['error']}" for r in rows if r["error"]))
+    peaks = ", ".join(f"{r['kind']} {r['peak_tflops']:g}" for r in rows if r["peak_tflops"])
+    print(f"peak MiB: {rows[0]['mem']}" + (f"; MFU of peak TFLOP/s: {peaks}" if peaks else "") +
+          "".join(f"; {r['kind']}: {r['error']}" for r in rows if r["error"]))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"config": config, "rows": rows}, f, indent=1)
@@ -298,7 +305,7 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be positive")
     if a.warmup_steps < 0:
         p.error("--warmup-steps must be >= 0")
-    if a.peak_tflops is not None and a.peak_tflops <= 0:
+    if a.peak_tflops is not None and not 0 < a.peak_tflops < math.inf:
         p.error("--peak-tflops must be positive")
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -306,10 +313,17 @@ def parse_args(argv=None):
         device = torch.device(a.device)
     except RuntimeError as e:
         p.error(f"--device: {e}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
     if device.type not in ("cpu", "cuda"):
         p.error("--device must be cpu or cuda")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        p.error(f"--device {a.device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    if a.json:  # now, not after the whole table has been measured
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        except OSError as e:
+            p.error(f"--json {a.json}: cannot create its folder ({e.strerror})")
+        if os.path.isdir(a.json) or not os.access(os.path.dirname(os.path.abspath(a.json)), os.W_OK):
+            p.error(f"--json {a.json}: not a file name in a writable folder")
     has_triton = importlib.util.find_spec("triton") is not None
     a.only = a.only.split(",") if a.only else [k for k in KINDS if (k not in CUDA_ONLY or device.type == "cuda")
                                                and ("triton" not in k or has_triton)]

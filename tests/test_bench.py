@@ -20,13 +20,14 @@ def test_rows_have_every_field_and_ratios(tmp_path, capsys):
         assert row["chars_per_s"] == pytest.approx(B * T / (row["ms_per_step"] / 1e3))
         assert row["tflops"] == pytest.approx(row["flops_per_char"] * row["chars_per_s"] / 1e12)
     row = bench.measure("ours", H, B, T, steps=2, warmup=0, peak=0.5)  # --peak-tflops on CPU
-    assert row["mfu"] == pytest.approx(row["tflops"] / 0.5)
+    assert row["mfu"] == pytest.approx(row["tflops"] / 0.5) and row["peak_tflops"] == 0.5
 
     out = tmp_path / "new" / "bench.json"
     bench.main(bench.parse_args(["--hidden", str(H), "--batch-size", str(B), "--seq-len", str(T), "--steps", "2",
                                  "--warmup-steps", "0", "--device", "cpu", "--json", str(out)]))
     printed = capsys.readouterr().out
     assert all(k in printed for k in ("ours/row FLOP/s", "plain", "lstm", "n/a"))
+    assert "MFU of peak" not in printed, "a peak printed where none is known"
     rows = json.loads(out.read_text())["rows"]
     assert [r["kind"] for r in rows] == ["ours", "recompute", "plain", "lstm"]  # graph, Triton: CUDA only
     assert rows[0]["ours_over_row_chars"] == 1.0 and rows[0]["ours_over_row_flops"] == 1.0
@@ -50,7 +51,10 @@ def test_bad_flags_are_refused_with_a_message(capsys):
     for argv, msg in ((["--hidden", "huge"], "--hidden must be"), (["--steps", "0"], "--steps must be"),
                       (["--recompute", "0"], "--recompute must be"),
                       (["--only", "ours,cudnn"], "--only takes"), (["--only", "ours,ours"], "--only takes"),
-                      (["--peak-tflops", "-1"], "--peak-tflops"), (["--device", "tpu"], "--device"),
+                      (["--peak-tflops", "-1"], "--peak-tflops"), (["--peak-tflops", "nan"], "--peak-tflops"),
+                      (["--device", "tpu"], "--device"), (["--json", "."], "--json .: not a file name"),
+                      (["--json", f"{__file__}/x.json"], f"--json {__file__}/x.json: cannot create its folder"),
+                      (["--device", f"cuda:{torch.cuda.device_count()}"], "no such CUDA device here"),
                       (["--dtype", "fp8"], "invalid choice"),
                       (["--only", "ours,graph", "--device", "cpu"], "--only graph: CUDA graphs and Triton"),
                       (["--only", "triton", "--device", "cpu"], "--only triton: CUDA graphs and Triton kernels need")):
@@ -65,10 +69,20 @@ def test_peaks_are_matched_from_the_gpu_name(monkeypatch):
             ("NVIDIA H100 80GB HBM3", "bf16", False, 989), ("NVIDIA H100 PCIe", "fp16", False, 756),
             ("NVIDIA H200", "fp32", True, 494), ("NVIDIA H100 80GB HBM3", "fp32", False, 67),
             ("NVIDIA A100-SXM4-80GB", "bf16", False, 312), ("Tesla V100-SXM2-32GB", "fp32", True, 15.7),
-            ("Tesla V100-SXM2-32GB", "bf16", False, None), ("NVIDIA GeForce GTX 1080", "fp16", False, None)):
+            ("Tesla V100-SXM2-32GB", "bf16", False, None), ("NVIDIA GeForce GTX 1080", "fp16", False, None),
+            ("NVIDIA H200 NVL", "fp16", False, 835), ("NVIDIA GH200 480GB", "bf16", False, 989),
+            ("Tesla V100-PCIE-16GB", "fp16", False, 112), ("Tesla V100S-PCIE-32GB", "fp32", False, 16.4)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
         assert bench.peak_tflops(cuda, dtype, tf32) == peak, name
     assert bench.peak_tflops(torch.device("cpu"), "fp32", False) is None
+
+
+def test_skipped_counts_the_timed_steps_only(monkeypatch):
+    real = bench.fp16.MixedPrecision
+    monkeypatch.setattr(bench.fp16, "MixedPrecision", lambda model, dtype: real(model, dtype, 2.0**40))
+    # from 2^40 the scale halves on each fp16 overflow: the first ~20 steps are skipped
+    assert bench.measure("ours", H, B, T, "fp16", steps=2, warmup=0)["skipped"] == 2
+    assert bench.measure("ours", H, B, T, "fp16", steps=2, warmup=40)["skipped"] == 0
 
 
 def test_flop_formula_equals_direct_counts():
