@@ -9,7 +9,7 @@ command resumes an interrupted sweep (a run cut off midway restarts from scratch
     # the CPU-scale tables (tiny models: 28 min on one thread of a shared 2-core machine)
     OMP_NUM_THREADS=1 python experiments.py --scale cpu
     OMP_NUM_THREADS=1 python experiments.py --scale cpu --only lr             # one experiment
-    python experiments.py --scale cpu --dry-run                               # print the plan only
+    python experiments.py --scale cpu --dry-run                               # print the train.py commands only
     # the GPU scale: same script, bigger flags, train.py --cuda-graph in every run (measure one run first,
     # then size --chars to the time left)
     python experiments.py --scale gpu --chars 2e8 --lr-chars 1e8
@@ -21,7 +21,8 @@ Experiments (flags; `--scale` fills in the ones not given):
   lr         --rules (RULE:BASE_LR, train.py's --lr-rule none|linear|sqrt, base lr at batch 128) x --batches
              at --lr-hidden, one --lr-chars budget (the same epochs); 'Div' when train.py detects divergence.
   precision  --dtypes at --precision-hidden, --size-batch and --chars: BPC and wall time.
-Runs with identical settings are shared (the size run at --precision-hidden is precision's fp32 row).
+Runs with identical settings are shared: a size run at hidden --precision-hidden is precision's --train-dtype
+row (fp32 at --scale cpu, bf16 at --scale gpu).
 
 Held-out BPC: the checkpoint's fp32 weights on the corpus' test split, --eval-rows streams x --eval-windows
 windows of --eval-seq bytes, state carried: the same text for every run (train.py's own val/test BPC reads
@@ -33,6 +34,7 @@ it is computed once per task (the first transfer) and the other transfers skip i
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -43,6 +45,7 @@ import sys
 import time
 
 import data
+import fp16
 import mlstm
 import train
 
@@ -79,13 +82,38 @@ def csv_list(s, kind=str):
     return [kind(x) for x in str(s).split(",") if x.strip()]
 
 
+def positive_ints(s):
+    """'64,128' -> [64, 128]; ValueError unless there are some and all are integers >= 1."""
+    try:
+        out = csv_list(s, int)
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise ValueError("expected comma-separated integers >= 1")
+    return out
+
+
+def dtype_list(s):
+    out = csv_list(s)
+    if not out or set(out) - set(fp16.DTYPES):
+        raise ValueError(f"expected comma-separated dtypes among {', '.join(fp16.DTYPES)}")
+    return out
+
+
 def rules_list(s):
+    """'RULE:LR,...' -> [(rule, lr)]; ValueError unless there are some, each with a known RULE and an LR > 0."""
     out = []
     for item in csv_list(s):
         rule, _, lr = item.partition(":")
-        if rule not in RULE_NAMES or not lr:
-            raise SystemExit(f"error: --rules item {item!r}: expected RULE:LR with RULE in none|linear|sqrt")
+        try:
+            ok = rule in RULE_NAMES and 0 < float(lr) < math.inf
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"item {item!r}: expected RULE:LR with RULE in none|linear|sqrt and LR > 0")
         out.append((rule, float(lr)))
+    if not out:
+        raise ValueError("expected RULE:LR items")
     return out
 
 
@@ -97,8 +125,13 @@ def mchars(n):
     return f"{n / 1e6:g}M"
 
 
+def omp_threads(a):
+    """The OMP_NUM_THREADS the runs see: --threads, else the one inherited (None: torch's default)."""
+    return str(a.threads) if a.threads else os.environ.get("OMP_NUM_THREADS")
+
+
 def command(argv, a):
-    env = f"OMP_NUM_THREADS={a.threads} " if a.threads else ""
+    env = f"OMP_NUM_THREADS={omp_threads(a)} " if omp_threads(a) else ""
     return env + shlex.join(["python", *map(str, argv)])
 
 
@@ -179,8 +212,6 @@ class Run:
         if a.nproc > 1:
             self.argv = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}", *self.argv]
         self.ckpt = os.path.join(self.dir, "ckpt.pt")
-        self.bpc_argv = ["experiments.py", "--bpc", rel(self.ckpt), "--eval-rows", a.eval_rows, "--eval-seq",
-                         a.eval_seq, "--eval-windows", a.eval_windows, "--device", a.device]
         self.tasks = []  # transfer tasks wanted by the experiments using this run
 
     def peak_lr(self):
@@ -197,7 +228,7 @@ def plan(a):
         r.tasks += [t for t in tasks if t not in r.tasks]
         exps.setdefault(exp, []).append(r)
 
-    (size_rule, size_lr), = rules_list(a.size_lr)
+    size_rule, size_lr = a.size_lr
     for exp in a.only:
         if exp == "size":
             for h in a.hidden_sizes:
@@ -218,7 +249,7 @@ def plan(a):
 def subprocess_env(a):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if a.threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(a.threads)
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = omp_threads(a)
     return env
 
 
@@ -234,10 +265,11 @@ def run_logged(argv, log_path, a):
 
 
 def train_run(r, a):
-    """Train r unless its run.json says it finished (ok or diverged). -> run.json's dict."""
+    """Train r unless its run.json says it finished (ok or diverged) with the same argv and thread count (the
+    wall time and chars/s depend on it). -> run.json's dict, with the command as run."""
     done = os.path.join(r.dir, "run.json")
     got = load_json(done)
-    if got and got.get("argv") == [str(x) for x in r.argv]:
+    if got and got.get("command") == command(r.argv, a):  # argv and thread count: both in the command
         return got
     shutil.rmtree(r.dir, ignore_errors=True)  # an interrupted or differently-configured run: start afresh
     os.makedirs(r.dir)
@@ -245,8 +277,8 @@ def train_run(r, a):
     code = code_version()
     rc, wall, text = run_logged(r.argv, os.path.join(r.dir, "train.log"), a)
     div = re.search(r"error: training diverged at step (\d+) \(loss ([^,]+),", text)
-    res = dict(argv=[str(x) for x in r.argv], rc=rc, wall_s=round(wall, 2),
-               status="ok" if rc == 0 else "div" if div else "failed", code=code)
+    res = dict(argv=[str(x) for x in r.argv], threads=omp_threads(a), command=command(r.argv, a), rc=rc,
+               wall_s=round(wall, 2), status="ok" if rc == 0 else "div" if div else "failed", code=code)
     if div:
         res.update(diverged_step=int(div.group(1)), diverged_loss=div.group(2))
     print(f"train {r.name}: {res['status']} in {wall:.0f}s" + (f" (diverged at step {div.group(1)})" if div else ""),
@@ -259,12 +291,17 @@ def train_run(r, a):
 
 
 def eval_run(r, a):
+    """r's held-out BPC, unless its heldout.json was asked with the same settings. -> heldout.json's dict, with
+    the command of the evaluation as run (heldout_bpc lowers rows and windows to what the test split holds)."""
     path = os.path.join(r.dir, "heldout.json")
+    want = dict(rows=a.eval_rows, seq=a.eval_seq, windows=a.eval_windows, split="test", device=a.device)
     got = load_json(path)
-    if got is None:
+    if got is None or got.get("requested") != want:
         t0 = time.time()
-        got = heldout_bpc(r.ckpt, a.eval_rows, a.eval_seq, a.eval_windows, device=a.device)
-        got["wall_s"] = round(time.time() - t0, 2)
+        got = heldout_bpc(r.ckpt, **want)
+        argv = ["experiments.py", "--bpc", rel(r.ckpt), "--eval-rows", got["rows"], "--eval-seq", got["seq"],
+                "--eval-windows", got["windows"], "--device", a.device]
+        got.update(requested=want, command=command(argv, a), wall_s=round(time.time() - t0, 2))
         write_json(path, got)
         print(f"bpc {r.name}: {got['bpc']:.3f} on {got['chars']} held-out chars", flush=True)
     return got
@@ -328,11 +365,13 @@ def collect(r, a, status, heldout, transfers):
                train_val_bpc=next((e["val_bpc"] for e in reversed(ev) if "val_bpc" in e), None),
                train_test_bpc=next((e["test_bpc"] for e in reversed(ev) if "test_bpc" in e), None),
                heldout_bpc=heldout and heldout["bpc"], heldout_chars=heldout and heldout["chars"],
+               heldout_shape=heldout and f"{heldout['rows']} streams x {heldout['windows']} windows x "
+                                         f"{heldout['seq']} bytes",
                params=heldout and heldout["params"],
                curve=[[e["step"], e["bpc"], e["lr"]] for e in steps],
-               commands={"train": command(r.argv, a)})
+               commands={"train": status["command"]})
     if heldout:
-        rec["commands"]["bpc"] = command(r.bpc_argv, a)
+        rec["commands"]["bpc"] = heldout["command"]
     rec["transfer"] = {}
     for tag, (res, cmd) in transfers.items():
         rec["commands"][tag] = cmd
@@ -403,12 +442,13 @@ def code_note(runs):
 
 def tables(a, exps, recs, meta):
     what = "IMDB's unlabelled + training reviews (never its test reviews), " if "aclImdb" in a.data else ""
+    shapes = "; ".join(sorted({x["heldout_shape"] for x in recs.values() if x["heldout_shape"]})) or "no run evaluated"
     md = [f"# Experiments ({a.scale} scale)", "",
           f"Corpus: {what}`{a.data}`, prepared into "
           f"`{meta['corpus']}`: train {meta['train_bytes'] / 1e6:.1f} MB, held-out test split "
-          f"{meta['test_bytes'] / 1e6:.2f} MB. Device {a.device}, {a.threads or 'default'} thread(s), "
+          f"{meta['test_bytes'] / 1e6:.2f} MB. Device {a.device}, {omp_threads(a) or 'default'} thread(s), "
           f"torch {meta['torch']}. Held-out BPC: `experiments.py --bpc` (fp32 weights, test split, "
-          f"{a.eval_rows} streams x {a.eval_windows} windows x {a.eval_seq} bytes, the same text for every run). "
+          f"{shapes}, the same text for every run). "
           f"Transfer: `transfer.py`, test accuracy in % of the L1 logistic regression on all cell units / of "
           f"the single sentiment neuron. Chance is 50%.", ""]
     if "size" in exps:
@@ -417,7 +457,7 @@ def tables(a, exps, recs, meta):
         md += ["## 1. Model size", "",
                f"Same budget for every size: {mchars(a.chars)} characters "
                f"({a.chars / meta['train_bytes']:.3f} epochs), batch {a.size_batch} x {a.seq_len}, "
-               f"lr {rule_label(*rules_list(a.size_lr)[0])}, {a.train_dtype}.", "",
+               f"lr {rule_label(*a.size_lr)}, {a.train_dtype}.", "",
                "| hidden | params | steps | train BPC (last log) | held-out BPC | "
                + " | ".join(f"{tag_title(t)} all / neuron" for t in tags) + " | wall s | commands |",
                "|---:|---:|---:|---:|---:|" + "---:|" * len(tags) + "---:|---|"]
@@ -459,7 +499,7 @@ def tables(a, exps, recs, meta):
         runs = [recs[r.name] for r in exps["precision"]]
         md += ["## 3. Precision", "",
                f"Hidden {a.precision_hidden}, batch {a.size_batch} x {a.seq_len}, {mchars(a.chars)} characters, "
-               f"lr {rule_label(*rules_list(a.size_lr)[0])}; fp16/bf16: half-precision compute with fp32 master "
+               f"lr {rule_label(*a.size_lr)}; fp16/bf16: half-precision compute with fp32 master "
                f"weights (fp16.py), fp16 with dynamic loss scaling. Wall: the train.py process, start to end; "
                f"chars/s: median over the log intervals.", "",
                "| dtype | steps | train BPC (last log) | held-out BPC | wall s | chars/s | commands |",
@@ -533,7 +573,7 @@ def parse_args(argv=None):
     p.add_argument("--lr-tasks", default="sst2", help="lr: transfer tasks")
     p.add_argument("--dtypes", help="precision: dtypes compared")
     p.add_argument("--precision-hidden", type=int, help="precision: hidden size")
-    p.add_argument("--train-dtype", help="size and lr: training dtype")
+    p.add_argument("--train-dtype", choices=list(fp16.DTYPES), help="size and lr: training dtype")
     p.add_argument("--sst2-limit", type=int, help="transfer.py --limit for SST-2 (0: all)")
     p.add_argument("--imdb-limit", type=int, help="transfer.py --limit for IMDB (0: all)")
     p.add_argument("--device", help="train.py / transfer.py --device")
@@ -545,7 +585,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-rows", type=int)
     p.add_argument("--eval-seq", type=int)
     p.add_argument("--eval-windows", type=int)
-    p.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the train.py commands of the plan, run nothing (the held-out BPC and transfer "
+                        "commands depend on the runs: they are in results.md)")
     p.add_argument("--bpc", metavar="CKPT", help="only print the held-out BPC of this checkpoint (JSON)")
     a = p.parse_args(argv)
     for k, v in SCALES[a.scale].items():
@@ -558,8 +600,28 @@ def parse_args(argv=None):
     bad = set(a.only) - {"size", "lr", "precision"}
     if bad:
         p.error(f"--only: unknown experiment(s) {sorted(bad)} (size, lr, precision)")
-    a.hidden_sizes, a.batches = csv_list(a.hidden_sizes, int), csv_list(a.batches, int)
-    a.rules, a.dtypes = rules_list(a.rules), csv_list(a.dtypes)
+    # checked here, so that a bad value is one line naming its flag, not a traceback from inside the sweep
+    lowest = dict.fromkeys(["--size-batch", "--seq-len", "--chars", "--lr-hidden", "--lr-chars", "--precision-hidden",
+                            "--nproc", "--points", "--eval-rows", "--eval-seq", "--eval-windows"], 1)
+    lowest.update(dict.fromkeys(["--threads", "--sst2-limit", "--imdb-limit"], 0))
+    for flag, low in lowest.items():
+        v = getattr(a, flag[2:].replace("-", "_"))
+        if not low <= v < math.inf:
+            p.error(f"{flag} {v:g}: expected a number >= {low}")
+
+    def parsed(flag, parse):
+        value = getattr(a, flag[2:].replace("-", "_"))
+        try:
+            return parse(value)
+        except ValueError as e:
+            p.error(f"{flag} {value!r}: {e}")
+
+    a.hidden_sizes, a.batches = parsed("--hidden-sizes", positive_ints), parsed("--batches", positive_ints)
+    a.rules, a.size_lr = parsed("--rules", rules_list), parsed("--size-lr", rules_list)
+    a.dtypes = parsed("--dtypes", dtype_list)
+    if len(a.size_lr) != 1:
+        p.error(f"--size-lr: expected one RULE:LR item, not {len(a.size_lr)}")
+    a.size_lr = a.size_lr[0]
     a.size_tasks, a.lr_tasks = csv_list(a.size_tasks), csv_list(a.lr_tasks)
     for t in a.size_tasks + a.lr_tasks:
         if t not in ("sst2", "imdb"):

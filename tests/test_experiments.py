@@ -1,6 +1,8 @@
 """experiments.py on a tiny fixture corpus: a real sweep (hidden 8, a few steps) collected into tables, a run
-forced to diverge reported as 'Div', and a second invocation that runs nothing (resumable)."""
+forced to diverge reported as 'Div', and a second invocation that runs nothing (resumable); the flag checks, and
+the reuse of a finished run or held-out BPC only for the same settings (on fakes)."""
 import json
+import os
 import random
 import subprocess
 
@@ -98,3 +100,73 @@ def test_gpu_scale_trains_with_cuda_graphs_and_cpu_scale_cannot(capsys):
     with pytest.raises(SystemExit):
         experiments.parse_args(["--scale", "cpu", "--cuda-graph", "on"])
     assert "--cuda-graph on needs --device cuda" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--points", "0"], "--points 0: expected a number >= 1"),
+    (["--seq-len", "0"], "--seq-len 0: expected a number >= 1"),
+    (["--chars", "-1"], "--chars -1: expected a number >= 1"),
+    (["--eval-rows", "0"], "--eval-rows 0: expected a number >= 1"),
+    (["--threads", "-1"], "--threads -1: expected a number >= 0"),
+    (["--batches", "0"], "--batches '0': expected comma-separated integers >= 1"),
+    (["--batches", "16,x"], "--batches '16,x': expected comma-separated integers >= 1"),
+    (["--hidden-sizes", "-64"], "--hidden-sizes '-64': expected comma-separated integers >= 1"),
+    (["--rules", "linear:abc"], "--rules 'linear:abc': item 'linear:abc': expected RULE:LR"),
+    (["--size-lr", "bad:1"], "--size-lr 'bad:1': item 'bad:1': expected RULE:LR"),
+    (["--size-lr", "none:1e-3,none:2e-3"], "--size-lr: expected one RULE:LR item, not 2"),
+    (["--dtypes", "fp32,fp8"], "--dtypes 'fp32,fp8': expected comma-separated dtypes among fp32, fp16, bf16"),
+    (["--train-dtype", "fp8"], "--train-dtype: invalid choice: 'fp8'"),
+])
+def test_bad_flags_are_refused_when_parsed(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        experiments.parse_args(["--dry-run", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err, f"{flags}: exit {e.value.code}, stderr:\n{err}"
+
+
+def test_a_run_trained_with_another_thread_count_is_trained_again(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_run(argv, log_path, a):
+        trained.append(a.threads)
+        return 0, 1.0, ""
+
+    monkeypatch.setattr(experiments, "run_logged", fake_run)
+    a = experiments.parse_args(["--out", str(tmp_path), "--threads", "1"])
+    r = experiments.Run(a, 8, 4, 640, "none", 2e-3, "fp32")
+    experiments.train_run(r, a)
+    experiments.train_run(r, a)
+    assert trained == [1], f"same argv and threads: trained with {trained}"
+    a.threads = 2
+    got = experiments.train_run(r, a)
+    assert trained == [1, 2], f"threads 1 then 2: trained with {trained}"
+    assert got["threads"] == "2" and got["command"].startswith("OMP_NUM_THREADS=2 python train.py"), f"{got}"
+
+
+def test_heldout_bpc_is_recomputed_for_other_settings_and_reported_as_evaluated(tmp_path, monkeypatch):
+    asked = []
+
+    def fake_bpc(ckpt, rows, seq, windows, split, device):
+        asked.append((rows, seq, windows))
+        rows, windows = min(rows, 3), min(windows, 5)  # as on a small test split
+        return dict(bpc=2.0, chars=rows * windows * seq, rows=rows, seq=seq, windows=windows, split=split, params=1)
+
+    monkeypatch.setattr(experiments, "heldout_bpc", fake_bpc)
+    a = experiments.parse_args(["--out", str(tmp_path), "--only", "precision", "--dtypes", "fp32",
+                                "--eval-rows", "16", "--eval-seq", "32", "--eval-windows", "4"])
+    a.train_bytes = 10**6
+    r = experiments.Run(a, 8, 4, 640, "none", 2e-3, "fp32")
+    os.makedirs(r.dir)
+    experiments.eval_run(r, a)
+    experiments.eval_run(r, a)
+    assert asked == [(16, 32, 4)], f"same settings: evaluated {asked}"
+    a.eval_windows = 8
+    heldout = experiments.eval_run(r, a)
+    assert asked == [(16, 32, 4), (16, 32, 8)], f"--eval-windows 4 then 8: evaluated {asked}"
+    status = dict(status="ok", command="python train.py", wall_s=1.0, code={})
+    rec = experiments.collect(r, a, status, heldout, {})
+    assert rec["commands"]["train"] == status["command"], f"not the command as run: {rec['commands']}"
+    md = experiments.tables(a, {"precision": [r]}, {r.name: rec},
+                            dict(corpus="c", train_bytes=10**6, test_bytes=10**4, torch="t"))
+    for want in ("3 streams x 5 windows x 32 bytes", "--eval-rows 3 --eval-seq 32 --eval-windows 5"):
+        assert want in md, f"{want!r} (the evaluation run) not in results.md:\n{md}"
