@@ -308,4 +308,5 @@ def test_a_failing_rank_ends_the_others_with_a_message(runs, fail):
     assert codes[0] not in (0, None) and any(w in error.lower() for w in expect), \
         f"rank 0: exit code {codes[0]}, error {error!r}"
     if fail == "dies":
-        assert codes[1] == 3 and seconds < timeout, f"exit codes {codes} after {seconds:.1f} s"
+        # the closed socket, not the timeout: no wall-clock bound (noisy machines), the message tells
+        assert codes[1] == 3 and "timed out" not in error.lower(), f"exit codes {codes}, error {error!r}"

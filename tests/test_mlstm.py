@@ -226,6 +226,31 @@ def test_recompute_equals_the_saved_activations_float64(monkeypatch):
             assert err < 1e-12, f"{name} with segments of {segment}: max |diff| {err}"
 
 
+def test_recompute_keeps_only_the_segment_boundaries_from_forward_to_backward():
+    """On the CPU, what the time loop keeps for its backward: every tensor autograd saves, seen by a saved-tensors
+    hook, each storage counted once and the loop's inputs left out. Recurrence: its 8 [B, H] per timestep
+    (mlstm.recomputed's docstring) and the initial state; segments of 16: only the h and c handed from one segment to the next
+    (each segment's activations then live during its own backward only, which this does not see)."""
+    T, B, H, E = 64, 8, 32, 16
+    g = torch.Generator().manual_seed(5)
+    for segment, want in ((0, 8 * T + 2), (16, 2 * (T // 16 - 1))):  # + 2: h and c stored from h_0 and c_0 on
+        args = [torch.randn(*s, generator=g).requires_grad_() for s in ((T, B, E), (E, 4 * H), (4 * H,), (E, H))]
+        args += [(torch.randn(*s, generator=g) * H**-0.5).requires_grad_() for s in ((H, 4 * H), (H, H))]
+        args += [torch.zeros(B, H), torch.zeros(B, H)]
+        inputs, kept = {a.untyped_storage().data_ptr() for a in args}, {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in inputs:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            hs, h, c = mlstm.recomputed(*args, segment) if segment else mlstm.recurrence(*args)
+        (hs.sum() + h.sum() + c.sum()).backward()
+        got = sum(kept.values()) / (B * H * 4)
+        assert got == want, f"segments of {segment or T}: {got} [B, H] float32 tensors kept, expected {want}"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory is measured by the CUDA allocator")
 def test_recompute_lowers_the_peak_memory_of_a_step():
     """Activation memory of forward + backward at H = 256, B = 64, T = 128, fp16, with and without segments

@@ -1,12 +1,15 @@
 """train.py: learning-rate schedule and scaling rules, a run that learns, exact resume, golden losses."""
+import glob
 import json
 import math
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 
+import data
 import mlstm
 import train
 
@@ -74,6 +77,32 @@ def test_tiny_run_learns(tmp_path):
     assert val and val[-1] < 8 - 3, f"held-out bpc {val} not well below 8 bits"
     assert {"step", "loss", "bpc", "lr", "grad_norm", "chars_per_s"} <= set(m[0])
     assert os.path.isfile(tmp_path / "a" / "config.json") and os.path.isfile(tmp_path / "a" / "ckpt.pt")
+
+
+@pytest.mark.parametrize("rule, lr", [("none", 2e-3), ("linear", 2e-3 * 4 / 128), ("sqrt", 2e-3 * (4 / 128) ** 0.5)])
+def test_the_lr_rule_scales_the_peak_lr_to_the_batch(tmp_path, rule, lr):
+    m = run(tmp_path, "a", "--iters", "1", "--lr", "2e-3", "--lr-rule", rule)  # batch 4: the one step is the peak
+    assert m[0]["lr"] == pytest.approx(lr, rel=1e-6), f"{rule}: lr {m[0]['lr']}, want {lr}"
+
+
+def test_evaluate_equals_a_float64_reference_over_each_rows_stream(tmp_path):
+    """train.evaluate (windows of a held-out loader, state carried) against the mean cross-entropy of each row's
+    whole stream read in one window by a float64 copy of the model, in bits."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "val.bin"
+    path.write_bytes(rng.integers(97, 123, 5000, dtype=np.uint8).tobytes())
+    torch.manual_seed(0)
+    model = mlstm.MLSTM(hidden=16)
+    loader = data.ByteLoader(str(path), batch_size=3, seq_len=10)
+    n = 7  # windows evaluated, fewer than the loader holds
+    got = train.evaluate(model, loader, n, torch.device("cpu"))
+    stream = np.memmap(path, dtype=np.uint8, mode="r")
+    rows = torch.from_numpy(np.stack([stream[b * loader.L: b * loader.L + n * 10 + 1] for b in range(3)]).astype(np.int64))
+    with torch.no_grad():
+        logits, _ = model.double()(rows[:, :-1])
+        nats = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), rows[:, 1:].reshape(-1))
+    ref = nats.item() / math.log(2)
+    assert abs(got - ref) < 1e-5, f"evaluate {got} vs reference {ref} bits: |diff| {abs(got - ref):.2e}"
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
@@ -211,7 +240,9 @@ def test_fractional_epochs_end_the_run_with_its_final_log_and_test_bpc(tmp_path)
     steps = [e["step"] for e in m if "loss" in e]
     with open(tmp_path / "a" / "config.json") as f:
         assert json.load(f)["epochs"] == 0.37
-    assert steps and steps[-1] == len(steps), f"logged steps {steps}"
+    train_bin, = glob.glob(str(tmp_path / "cache" / "*" / "train.bin"))
+    per_epoch = (os.path.getsize(train_bin) // 4 - 1) // 16  # rows of a 4-row batch, windows of 16 bytes
+    assert steps == list(range(1, round(0.37 * per_epoch) + 1)), f"logged steps {steps}, {per_epoch} per epoch"
     assert any("test_bpc" in e for e in m), f"no final test bpc in {m[-3:]}"
     assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["step"] == steps[-1]
 
