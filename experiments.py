@@ -73,9 +73,16 @@ RULE_NAMES = {"none": "fixed", "linear": "linear", "sqrt": "sqrt"}
 
 
 def rel(path):
-    """A path relative to the repo root (commands run there), or absolute when outside the working tree."""
-    r = os.path.relpath(os.path.abspath(path), ROOT)
-    return r if not r.startswith("../../") else os.path.abspath(path)
+    """The path as the commands (run in the repo root) name it: relative to the root when it lies inside the
+    root or was given relative (the defaults' ../shared/...), else absolute (a temporary folder: it then means
+    the same from any working directory)."""
+    full = os.path.abspath(path)
+    try:
+        r = os.path.relpath(full, ROOT)
+    except ValueError:  # another Windows drive
+        return full
+    inside = r != os.pardir and not r.startswith(os.pardir + os.sep)
+    return r if inside or not os.path.isabs(path) else full
 
 
 def csv_list(s, kind=str):
@@ -627,7 +634,7 @@ def parse_args(argv=None):
         if t not in ("sst2", "imdb"):
             p.error(f"unknown transfer task {t!r} (sst2, imdb)")
     a.out = rel(a.out)
-    a.cache_dir = rel(a.cache_dir or os.path.join(a.out, "prepared"))
+    a.cache_dir = rel(a.cache_dir) if a.cache_dir else os.path.join(a.out, "prepared")  # a.out: already rel
     a.data, a.sst2_dir, a.imdb_dir = rel(a.data), rel(a.sst2_dir), rel(a.imdb_dir)
     return a
 

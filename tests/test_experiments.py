@@ -19,9 +19,11 @@ def write_fixtures(root):
                                 for _ in range(1500)) + "\n")
     sst2 = root / "sst2"
     sst2.mkdir()
-    for split, n in (("train", 40), ("dev", 12), ("test", 12)):
-        rows = ["label,sentence"] + [f"{k % 2},{'a good great fun film' if k % 2 else 'a bad awful boring film'} {k}"
-                                     for k in range(n)]
+    for split, ks in (("train", range(40)), ("dev", range(12)), ("test", range(100, 116))):
+        rows = ["label,sentence"]  # test: other texts, every fifth label against its words (val acc != test acc)
+        for k in ks:
+            label = 1 - k % 2 if split == "test" and k % 5 == 0 else k % 2
+            rows.append(f"{label},{'a good great fun film' if k % 2 else 'a bad awful boring film'} {k}")
         (sst2 / f"{split}.csv").write_text("\n".join(rows) + "\n")
     return corpus, sst2
 
@@ -35,8 +37,31 @@ def sweep(tmp_path_factory):
             "--size-tasks", "sst2", "--lr-hidden", "8", "--batches", "4", "--lr-chars", "640",
             "--rules", "none:2e-3,none:1e6", "--lr-tasks", "sst2", "--sst2-limit", "0", "--device", "cpu",
             "--threads", "1", "--eval-rows", "2", "--eval-seq", "16", "--eval-windows", "4", "--points", "5"]
-    first = experiments.main(argv)
+    cwd = os.getcwd()
+    try:
+        first = experiments.main(argv)  # chdirs to the repo root
+    finally:
+        os.chdir(cwd)
     return root, argv, first
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def table_rows(md, heading):
+    """The rows (lists of stripped cells) of the tables under `heading` in results.md, up to the next heading."""
+    section = md.split(heading + "\n", 1)[1].split("\n## ", 1)[0]
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("|---")]
+
+
+def row(rows, *first):
+    """The one row whose leading cells are `first`."""
+    got = [r for r in rows if r[:len(first)] == list(first)]
+    assert len(got) == 1, f"{len(got)} rows start with {first}: {rows}"
+    return got[0]
 
 
 def test_tiny_sweep_is_collected_into_tables(sweep):
@@ -46,19 +71,39 @@ def test_tiny_sweep_is_collected_into_tables(sweep):
     ok = res["runs"][names[0]]
     assert ok["status"] == "ok", f"status {ok['status']}: {ok}"
     assert ok["iters"] == 10 and ok["curve"] and ok["curve"][-1][0] == 10, f"iters {ok['iters']}, curve {ok['curve']}"
-    assert 0 < ok["heldout_bpc"] < 9 and ok["heldout_chars"] == 2 * 4 * 16, \
-        f"held-out {ok['heldout_bpc']} on {ok['heldout_chars']} chars"
-    assert ok["train_test_bpc"] is not None, f"train.py's test_bpc missing: {ok}"
-    t = ok["transfer"].get("sst2")
-    assert t and 0 <= t["test_acc"] <= 1 and 0 <= t["neuron_test_acc"] <= 1, f"transfer: {ok['transfer']}"
+    # each number of the record against the file it comes from in the run's folder
+    run_dir = root / "out" / "runs" / names[0]
+    heldout = json.loads((run_dir / "heldout.json").read_text())
+    assert (ok["heldout_bpc"], ok["heldout_chars"]) == (heldout["bpc"], heldout["chars"]) and \
+        heldout["chars"] == 2 * 4 * 16, f"record {ok['heldout_bpc']} on {ok['heldout_chars']}; heldout.json {heldout}"
+    events = read_jsonl(run_dir / "metrics.jsonl")
+    last_bpc = [e["bpc"] for e in events if "loss" in e][-1]
+    last_test = [e["test_bpc"] for e in events if "test_bpc" in e][-1]
+    assert (ok["train_bpc"], ok["train_test_bpc"]) == (last_bpc, last_test), \
+        f"record {ok['train_bpc']}, {ok['train_test_bpc']}; metrics.jsonl {last_bpc}, {last_test}"
+    tr = json.loads((run_dir / "sst2.json").read_text())  # transfer.py --json
+    t = ok["transfer"].get("sst2") or {}
+    for key in ("test_acc", "val_acc", "neuron", "neuron_test_acc", "C", "nonzero"):
+        assert key in t and t[key] == tr[key], f"transfer {key}: record {t.get(key)}, sst2.json {tr[key]}"
     # the size run is the lr experiment's none:2e-3 run: shared, not trained twice
     assert names[0] in [r.name for r in res["experiments"]["lr"]], f"lr runs: {res['experiments']['lr']}"
     md = (root / "out" / "results.md").read_text()
     for want in ("## 1. Model size", "## 2. Learning-rate rules", "train.py --data", "--hidden 8",
                  "experiments.py --bpc", "transfer.py --checkpoint", "| 8 | ", "bag-of-words baseline"):
         assert want in md, f"{want!r} not in results.md:\n{md}"
+    # the source files' numbers, formatted by hand, in their table rows
+    bpc, train_bpc = f"{heldout['bpc']:.3f}", f"{last_bpc:.3f}"
+    acc = f"{100 * tr['test_acc']:.1f} / {100 * tr['neuron_test_acc']:.1f}"
+    size = row(table_rows(md, "## 1. Model size"), "8")
+    assert size[2:6] == ["10", train_bpc, bpc, acc], f"size row {size[:6]}, want steps 10, {train_bpc}, {bpc}, {acc}"
+    lr = table_rows(md, "## 2. Learning-rate rules at growing batch")
+    summary, detail = row(lr, "fixed 0.002"), row(lr, "4", "fixed 0.002")
+    assert summary[1] == f"{bpc} / {100 * tr['test_acc']:.1f}", f"lr summary row {summary}, want {bpc} / test acc"
+    assert detail[4:7] == [train_bpc, bpc, acc], f"lr detail row {detail[:7]}, want {train_bpc}, {bpc}, {acc}"
+    baseline = f"test {100 * tr['baseline_test_acc']:.1f}%, from"  # the first transfer computed the baseline
+    assert md.count(baseline) == 2, f"{baseline!r} not in both experiments' baseline lines:\n{md}"
     saved = json.loads((root / "out" / "results.json").read_text())
-    assert set(saved["runs"]) == set(res["runs"]), f"results.json runs: {list(saved['runs'])}"
+    assert saved["runs"] == json.loads(json.dumps(res["runs"])), f"results.json runs: {saved['runs']}"
     try:
         import matplotlib  # noqa: F401
         assert (root / "out" / "lr_rules.png").stat().st_size > 0
@@ -71,12 +116,17 @@ def test_diverging_run_is_reported_as_div(sweep):
     div = [x for x in res["runs"].values() if x["base_lr"] == 1e6]
     assert len(div) == 1 and div[0]["status"] == "div", f"lr 1e6 runs: {[(x['name'], x['status']) for x in div]}"
     assert div[0]["diverged_step"] and div[0]["heldout_bpc"] is None and not div[0]["transfer"], f"{div[0]}"
-    md = (root / "out" / "results.md").read_text()
-    assert "**Div** (step" in md and "fixed 1e+06" in md, f"no Div cell in results.md:\n{md}"
+    run = json.loads((root / "out" / "runs" / div[0]["name"] / "run.json").read_text())
+    assert div[0]["diverged_step"] == run["diverged_step"], f"record {div[0]['diverged_step']}, run.json {run}"
+    lr = table_rows((root / "out" / "results.md").read_text(), "## 2. Learning-rate rules at growing batch")
+    cell = f"**Div** (step {run['diverged_step']})"
+    summary, detail = row(lr, "fixed 1e+06"), row(lr, "4", "fixed 1e+06")
+    assert summary[1] == cell and detail[4:7] == [cell, cell, "Div"], f"Div rows {summary}, {detail[:7]}; want {cell}"
 
 
 def test_second_invocation_skips_finished_runs(sweep, monkeypatch):
     root, argv, first = sweep
+    monkeypatch.chdir(os.getcwd())  # main() chdirs to the repo root: back to this folder afterwards
 
     def refuse(*a, **k):
         raise AssertionError(f"a finished run was started again: {a}")
@@ -124,7 +174,25 @@ def test_bad_flags_are_refused_when_parsed(flags, message, capsys):
     assert e.value.code == 2 and message in err, f"{flags}: exit {e.value.code}, stderr:\n{err}"
 
 
+def test_rel_keeps_relative_only_paths_inside_the_root_or_given_relative(tmp_path, monkeypatch):
+    root = tmp_path / "repo"
+    (root / "out").mkdir(parents=True)
+    monkeypatch.setattr(experiments, "ROOT", str(root))
+    monkeypatch.chdir(root)
+    want = {str(tmp_path / "tmp" / "x"): str(tmp_path / "tmp" / "x"),  # one level above the root, absolute
+            str(root / "out" / "r"): os.path.join("out", "r"),
+            os.path.join("out", "r"): os.path.join("out", "r"),
+            os.path.join("..", "shared", "sst2"): os.path.join("..", "shared", "sst2"),  # the defaults' form
+            str(tmp_path / "repox" / "y"): str(tmp_path / "repox" / "y")}
+    got = {p: experiments.rel(p) for p in want}
+    assert got == want, f"rel() gave {got}, want {want}"
+    monkeypatch.chdir(root / "out")  # relative to the working directory: the same path, named from the root
+    assert experiments.rel("r") == os.path.join("out", "r"), experiments.rel("r")
+
+
 def test_a_run_trained_with_another_thread_count_is_trained_again(tmp_path, monkeypatch):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # the run's files go to --out, whatever the working directory
     trained = []
 
     def fake_run(argv, log_path, a):
@@ -132,11 +200,13 @@ def test_a_run_trained_with_another_thread_count_is_trained_again(tmp_path, monk
         return 0, 1.0, ""
 
     monkeypatch.setattr(experiments, "run_logged", fake_run)
-    a = experiments.parse_args(["--out", str(tmp_path), "--threads", "1"])
+    a = experiments.parse_args(["--out", str(tmp_path / "out"), "--threads", "1"])
     r = experiments.Run(a, 8, 4, 640, "none", 2e-3, "fp32")
     experiments.train_run(r, a)
     experiments.train_run(r, a)
     assert trained == [1], f"same argv and threads: trained with {trained}"
+    assert (tmp_path / "out" / "runs" / r.name / "run.json").is_file(), f"run.json not in --out: {r.dir}"
+    assert not os.listdir(tmp_path / "cwd"), os.listdir(tmp_path / "cwd")
     a.threads = 2
     got = experiments.train_run(r, a)
     assert trained == [1, 2], f"threads 1 then 2: trained with {trained}"
@@ -144,15 +214,17 @@ def test_a_run_trained_with_another_thread_count_is_trained_again(tmp_path, monk
 
 
 def test_heldout_bpc_is_recomputed_for_other_settings_and_reported_as_evaluated(tmp_path, monkeypatch):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # heldout.json goes to --out, whatever the working directory
     asked = []
 
     def fake_bpc(ckpt, rows, seq, windows, split, device):
         asked.append((rows, seq, windows))
         rows, windows = min(rows, 3), min(windows, 5)  # as on a small test split
-        return dict(bpc=2.0, chars=rows * windows * seq, rows=rows, seq=seq, windows=windows, split=split, params=1)
+        return dict(bpc=2.3456, chars=rows * windows * seq, rows=rows, seq=seq, windows=windows, split=split, params=1)
 
     monkeypatch.setattr(experiments, "heldout_bpc", fake_bpc)
-    a = experiments.parse_args(["--out", str(tmp_path), "--only", "precision", "--dtypes", "fp32",
+    a = experiments.parse_args(["--out", str(tmp_path / "out"), "--only", "precision", "--dtypes", "fp32",
                                 "--eval-rows", "16", "--eval-seq", "32", "--eval-windows", "4"])
     a.train_bytes = 10**6
     r = experiments.Run(a, 8, 4, 640, "none", 2e-3, "fp32")
@@ -160,6 +232,8 @@ def test_heldout_bpc_is_recomputed_for_other_settings_and_reported_as_evaluated(
     experiments.eval_run(r, a)
     experiments.eval_run(r, a)
     assert asked == [(16, 32, 4)], f"same settings: evaluated {asked}"
+    assert (tmp_path / "out" / "runs" / r.name / "heldout.json").is_file(), f"heldout.json not in --out: {r.dir}"
+    assert not os.listdir(tmp_path / "cwd"), os.listdir(tmp_path / "cwd")
     a.eval_windows = 8
     heldout = experiments.eval_run(r, a)
     assert asked == [(16, 32, 4), (16, 32, 8)], f"--eval-windows 4 then 8: evaluated {asked}"
@@ -170,3 +244,6 @@ def test_heldout_bpc_is_recomputed_for_other_settings_and_reported_as_evaluated(
                             dict(corpus="c", train_bytes=10**6, test_bytes=10**4, torch="t"))
     for want in ("3 streams x 5 windows x 32 bytes", "--eval-rows 3 --eval-seq 32 --eval-windows 5"):
         assert want in md, f"{want!r} (the evaluation run) not in results.md:\n{md}"
+    assert (rec["heldout_bpc"], rec["heldout_chars"]) == (2.3456, 3 * 5 * 32), rec
+    fp32 = row(table_rows(md, "## 3. Precision"), "fp32")
+    assert fp32[3] == "2.346", f"precision row {fp32}: held-out BPC cell {fp32[3]!r}, want '2.346' (the faked 2.3456)"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
 
 import mlstm
 import train
@@ -226,6 +227,75 @@ def test_cli_end_to_end(tmp_path, capsys):
     skip = transfer.run(transfer.parse_args(argv[:-1] + ["0"]), log=lines.append)  # --bow-vocab 0: no baseline
     assert skip["baseline"] is None and skip["baseline_test_acc"] is None and skip["test_acc"] == res["test_acc"]
     assert not any("bag of" in line for line in lines), lines
+
+
+def brute_threshold_acc(v, y):
+    """The best accuracy of `predict 1 iff v > t` over every t: each value, and below all of them."""
+    return max(float(((v > t) == (y == 1)).mean()) for t in np.append(v, -np.inf))
+
+
+def test_reported_numbers_match_sklearn_on_planted_features(tmp_path, monkeypatch):
+    """run()'s reported numbers against independent references: the features are faked (cached_features
+    monkeypatched) with one strongly informative unit of negative sign, one weaker and noise units, test noisier
+    than validation (their accuracies differ); sklearn's L1 logistic regression (saga) on StandardScaler
+    features at the reported C, and brute-force thresholds for the neuron alone."""
+    hidden, planted = 16, 11
+    rng = np.random.default_rng(12)  # a seed where the four val/test accuracies differ by 4+ examples
+    sizes, noise = {"train": 200, "val": 120, "test": 120}, {"train": 1.0, "val": 1.0, "test": 3.0}
+    feats, labels, files = {}, {}, {}
+    for s, n in sizes.items():
+        y = (np.arange(n) < round(0.7 * n)).astype(np.int64)  # 70% positive: the bias matters
+        rng.shuffle(y)
+        X = rng.normal(size=(n, hidden))
+        X[:, planted] = -(2 * y - 1) * 1.5 + noise[s] * rng.normal(size=n)
+        X[:, 4] = (2 * y - 1) * 0.6 + noise[s] * rng.normal(size=n)  # weaker: the classifier is not the neuron
+        feats[s], labels[s] = (3 * X + 5).astype(np.float32), y  # off centre and scale: standardising matters
+        rows = "".join(f"{k},{s} text {i}\n" for i, k in enumerate(y))
+        files[s] = write(tmp_path / f"{s}.csv", "label,text\n" + rows)
+
+    def fake_features(model, checkpoint, name, byte_strings, cache_dir, feature="cell", dtype="fp32", **kw):
+        words = [b.split() for b in byte_strings]  # b"\n train text 17 ": the row of the features it gets
+        assert all(w[0].decode() == name for w in words), (name, byte_strings[:3])
+        return feats[name][[int(w[-1]) for w in words]], False
+
+    monkeypatch.setattr(transfer, "cached_features", fake_features)
+    argv = ["--checkpoint", tiny_checkpoint(tmp_path, hidden), "--train", files["train"], "--val", files["val"],
+            "--test", files["test"], "--out", str(tmp_path / "out"), "--device", "cpu", "--bow-vocab", "0",
+            "--heatmap", "0"]
+    res = transfer.run(transfer.parse_args(argv), log=lambda *a: None)
+
+    scaler = StandardScaler().fit(feats["train"].astype(np.float64))
+    Z = {s: scaler.transform(feats[s].astype(np.float64)) for s in sizes}
+
+    def sk(C):
+        return LogisticRegression(C=C, l1_ratio=1.0, solver="saga", tol=1e-12, max_iter=100000).fit(
+            Z["train"], labels["train"])  # saga: the bias unpenalised, as in transfer's objective
+
+    ref = sk(res["C"])
+    want = {s: ref.score(Z[s], labels[s]) for s in sizes}
+    for s in sizes:
+        got, tol = res[f"{s}_acc"], 1 / sizes[s] + 1e-12  # at most one example on the boundary
+        assert abs(got - want[s]) <= tol, f"{s}_acc {got} but sklearn's L1 at C={res['C']} gives {want[s]}: " \
+                                          f"differ by {abs(got - want[s]):.4f} > {tol:.4f}"
+    val_by_C = {C: sk(C).score(Z["val"], labels["val"]) for C in transfer.GRID}
+    best = max(val_by_C.values())
+    assert val_by_C[res["C"]] >= best - 1 / sizes["val"] - 1e-12, \
+        f"C={res['C']} picked; sklearn's val acc by C: {val_by_C}"
+
+    assert int(np.argmax(np.abs(ref.coef_[0]))) == planted, ref.coef_  # the design's premise, by sklearn
+    assert res["neuron"] == planted and res["neuron_sign"] == -1, \
+        f"neuron {res['neuron']} sign {res['neuron_sign']}, planted {planted} sign -1"
+    sign, t = res["neuron_sign"], res["neuron_threshold"]
+    v = {s: sign * Z[s][:, planted] for s in sizes}
+    brute = brute_threshold_acc(v["train"], labels["train"])
+    at_t = {s: float(((v[s] > t) == (labels[s] == 1)).mean()) for s in sizes}
+    diffs = {"train best": abs(res["neuron_train_acc"] - brute), "train at t": abs(at_t["train"] - brute),
+             **{s: abs(res[f"neuron_{s}_acc"] - at_t[s]) for s in ("val", "test")}}
+    assert max(diffs.values()) < 1e-12, \
+        f"neuron accuracies {[res[f'neuron_{s}_acc'] for s in sizes]}, brute force {brute} (train), " \
+        f"at t={t}: {at_t}; max difference {max(diffs.values()):.3g} ({diffs})"
+    four = [want["val"], want["test"], at_t["val"], at_t["test"]]  # a swap of any two fields must be seen
+    assert min(abs(p - q) for i, p in enumerate(four) for q in four[i + 1:]) > 1.5 / sizes["test"], four
 
 
 @pytest.mark.parametrize("cut", [0, 40, -8])  # empty, header cut short, data cut short
