@@ -215,7 +215,7 @@ def _only_corpus_files(folder, complete):
     """Whether folder is a folder holding nothing but prepare()'s files, and if `complete` either none or meta.json."""
     if not os.path.isdir(folder):
         return False
-    names = set(os.listdir(folder))
+    names = set(os.listdir(folder)) - {".DS_Store"}  # what macOS's Finder leaves in a folder it has shown
     return names <= CORPUS_FILES and (not complete or not names or "meta.json" in names)
 
 

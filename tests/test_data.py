@@ -171,6 +171,8 @@ def test_prepare_replaces_a_previous_corpus_whole(tmp_path, monkeypatch):
     new = data.prepare([str(tmp_path / "src.txt")], out, seed=2, log=quiet)
     assert (old["seed"], new["seed"]) == (1, 2) and json.load(open(os.path.join(out, "meta.json")))["seed"] == 2
     assert sorted(os.listdir(tmp_path)) == ["c", "c.lock", "src.txt"], os.listdir(tmp_path)
+    open(os.path.join(out, ".DS_Store"), "wb").close()  # the Finder has shown the folder: still a corpus
+    assert data.prepare([str(tmp_path / "src.txt")], out, seed=3, log=quiet)["seed"] == 3
 
 
 WAIT_FOR_THE_LOCK = """
