@@ -313,8 +313,12 @@ def read_checkpoint(path, device="cpu"):
 
     torch.load does not check the CRC-32s of torch.save's zip entries: a flipped bit would load silently
     as a different weight. weights_only: a checkpoint is data, never code to run."""
-    with zipfile.ZipFile(path) as z:
-        damaged = z.testzip()
+    try:
+        with zipfile.ZipFile(path) as z:
+            damaged = z.testzip()
+    except zipfile.BadZipFile:
+        raise ValueError("not torch.save's zip format (a foreign file, or torch's legacy format: torch.load it and "
+                         "torch.save it again)") from None
     if damaged:
         raise ValueError(f"CRC-32 mismatch in {damaged}: the file is corrupted")
     return torch.load(path, map_location=device, weights_only=True)

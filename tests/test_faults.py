@@ -255,6 +255,7 @@ def bad_checkpoints(tmp_path, good):
     put("bit_flip", lambda p: (p.write_bytes(open(good, "rb").read()), flip_a_byte(p)))
     put("empty", lambda p: p.write_bytes(b""))
     put("tensor", lambda p: torch.save(torch.zeros(3), p))
+    put("legacy_format", lambda p: torch.save(load(good), p, _use_new_zipfile_serialization=False))  # no CRCs
     put("runs_code", lambda p: torch.save({"config": RunsCode(str(tmp_path / "PWNED")), "model": {}}, p))
     # a train.py checkpoint of another model: the config says 16 units, the weights have 8
     ck = load(good)
@@ -279,6 +280,8 @@ def test_bad_checkpoints_are_refused_by_every_loader_and_never_run_code(tmp_path
             assert "weights_only" in str(e.value) or "Unsupported global" in str(e.value), e.value
         if name == "bit_flip":  # torch.load alone would read it as a different weight
             assert "CRC-32 mismatch" in str(e.value), e.value
+        if name == "legacy_format":
+            assert "legacy format: torch.load it and torch.save it again" in str(e.value), e.value
         with pytest.raises(SystemExit) as e:
             generate.main(["--checkpoint", path, "--device", "cpu", "--length", "3"])
         assert path in str(e.value), (name, e.value)
