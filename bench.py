@@ -44,6 +44,7 @@ import time
 import torch
 import torch.nn as nn
 
+import distributed
 import fp16
 from mlstm import MLSTM, PRESETS, detach_state, loss_fn
 
@@ -309,14 +310,9 @@ def parse_args(argv=None):
         p.error("--peak-tflops must be positive")
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(a.device)
-    except RuntimeError as e:
-        p.error(f"--device: {e}")
-    if device.type not in ("cpu", "cuda"):
-        p.error("--device must be cpu or cuda")
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        p.error(f"--device {a.device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    if why := distributed.device_problem(a.device):
+        p.error(why)
+    device = torch.device(a.device)
     if a.json:  # now, not after the whole table has been measured
         try:
             os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)

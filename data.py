@@ -258,7 +258,7 @@ def prepare(sources, out_dir, text_field="reviewText", val_frac=0.01, test_frac=
         with contextlib.suppress(ValueError):  # Windows: paths on two drives, so not inside
             if os.path.commonpath([os.path.realpath(src), out_dir]) == out_dir:
                 raise DataError(f"{src}: the source lies inside the output folder {out_dir}; choose another one")
-    _check_out(out_dir)  # also before the lock, so that a refused folder gets no OUT.lock beside it
+    _check_out(out_dir)  # before the lock, so that a refused folder gets no OUT.lock beside it
     with _locked(out_dir, log):
         if reuse and os.path.isfile(os.path.join(out_dir, "meta.json")):
             with open(os.path.join(out_dir, "meta.json")) as f:
@@ -269,7 +269,6 @@ def prepare(sources, out_dir, text_field="reviewText", val_frac=0.01, test_frac=
 def _write(sources, out_dir, text_field, val_frac, test_frac, seed, log):
     """prepare() once the lock is held."""
     tmp, old = out_dir + ".tmp", out_dir + ".old"
-    _check_out(out_dir)
     for leftover in (tmp, old):  # from an interrupted run: deleted only if it holds nothing else
         if os.path.lexists(leftover) and not _only_corpus_files(leftover, complete=False):
             raise DataError(f"{leftover}: is in the way (not a temporary folder of data.py); move it away")

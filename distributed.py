@@ -49,6 +49,20 @@ def setup(device="auto", timeout_s=600):
     return Dist(rank, world, local_rank, device)
 
 
+def device_problem(device, names=("cpu", "cuda")):
+    """Why the --device string `device` cannot be used on this machine, as a message, or None. `names`: the
+    device types the caller takes (cuda:N always included), as its message lists them."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # "gpu", "auto"
+        dev = None
+    if dev is None or dev.type not in names:
+        return f"--device {device}: expected {', '.join(names)} or cuda:N"
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        return f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} visible)"
+    return None
+
+
 def broadcast_params(model):
     """Make every replica start from rank 0's weights."""
     if dist.is_initialized():

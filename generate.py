@@ -23,8 +23,9 @@ import argparse, codecs, json, os, sys, time
 import torch
 
 import data
+import distributed
 import mlstm
-from transfer import DTYPES, check_device, heatmap_html, unit_trace, writable
+from transfer import DEVICES, DTYPES, heatmap_html, unit_trace, writable
 
 
 def frame(prime):
@@ -109,7 +110,8 @@ def parse_args(argv=None):
                               ("top-k", a.top_k, 0 <= a.top_k <= 256, "in 0..256 (0: all bytes)")):
         if not ok:
             p.error(f"--{flag} must be {rule}, not {v}")
-    check_device(p, a.device)
+    if why := distributed.device_problem(a.device, DEVICES):
+        p.error(why)
     try:  # argv carries non-UTF-8 bytes as surrogates (PEP 383): os.fsencode gives the raw bytes back
         a.prime = os.fsencode(a.prime) if a.raw else frame(os.fsencode(a.prime))
         if a.text is not None:  # as the corpus reads its files: invalid UTF-8 replaced, then normalised

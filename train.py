@@ -438,15 +438,8 @@ def parse_args(argv=None):
         p.error("--lr must be > 0, --clip and --warmup >= 0, --loss-scale in [1, 2^64), all finite")
     if a.scale_growth < 1:
         p.error("--scale-growth must be >= 1 (steps)")
-    if a.device != "auto":
-        try:
-            dev = torch.device(a.device)
-        except RuntimeError:
-            dev = None
-        if dev is None or dev.type not in ("cpu", "cuda"):
-            p.error(f"--device {a.device}: expected auto, cpu, cuda or cuda:N")
-        if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
-            p.error(f"--device {a.device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    if a.device != "auto" and (why := distributed.device_problem(a.device, ("auto", "cpu", "cuda"))):
+        p.error(why)
     if not a.timeout > 0:
         p.error("--timeout must be > 0 seconds")
     if a.recompute < 0 or (a.recompute and a.cuda_graph):

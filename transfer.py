@@ -32,11 +32,14 @@ import torch
 import torch.nn.functional as F
 
 import data
+import distributed
 import mlstm
 from data import DataError
 
 FEATURES = ("cell", "hidden", "mean")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# --device types: cpu, cuda, and Apple's GPU where there is one (inference only; untested here)
+DEVICES = ("cpu", "cuda") + (("mps",) if torch.backends.mps.is_available() else ())
 GRID = [2.0 ** k for k in range(-8, 3)]  # C = 2^-8 ... 2^2
 LABELS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "neg": 0, "pos": 1, "negative": 0, "positive": 1,
           "false": 0, "true": 1}
@@ -566,7 +569,8 @@ def parse_args(argv=None):
         p.error("--heatmap must be >= 0 (0: no texts in heatmap.html)")
     if not 0 < a.val_frac < 1:
         p.error("--val-frac must be in (0, 1)")
-    check_device(p, a.device)
+    if why := distributed.device_problem(a.device, DEVICES):
+        p.error(why)
     if not os.path.isfile(a.checkpoint):
         p.error(f"--checkpoint {a.checkpoint}: no such file")
     ckpt_dir = os.path.dirname(os.path.abspath(a.checkpoint))
@@ -580,20 +584,6 @@ def parse_args(argv=None):
     if a.json and (os.path.isdir(a.json) or not writable(os.path.dirname(os.path.abspath(a.json)))):
         p.error(f"--json {a.json}: not a file name in an existing, writable folder")
     return a
-
-
-def check_device(p, device):
-    """p.error unless --device `device` can be used here: cpu, cuda[:N] that exists (train.py's rule), or mps
-    where Apple's GPU is there (inference only; untested here)."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        dev = None
-    mps = torch.backends.mps.is_available()
-    if dev is None or dev.type not in ("cpu", "cuda", "mps") or (dev.type == "mps" and not mps):
-        p.error(f"--device {device}: expected cpu, cuda or cuda:N" + (", mps" if mps else ""))
-    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
-        p.error(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
 
 
 def writable(folder):
