@@ -31,9 +31,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class MixedPrecision:
     """Wraps a float32 model: converts it to `dtype` for compute and keeps float32 masters.
 
-    Each step: backward(loss) scales the loss; step(optimizer) checks all gradients once for inf/NaN,
-    skips the step on overflow (and halves S), else unscales into the master gradients, clips them,
-    steps the optimizer (built over .masters) and copies the masters back into the compute model.
+    Each step: backward(loss) scales the loss; step(optimizer) unscales the gradients into the master
+    gradients, checks them all at once for inf/NaN (through their global norm), clips them, and steps the
+    optimizer (built over .masters), or skips the step on overflow and halves S; then it copies the masters
+    back into the compute model.
     For fp32 the masters are the model's own parameters and S = 1: the same loop, no copies.
 
     The scale, the count of good steps since S last changed and the count of skipped steps are tensors on
@@ -81,7 +82,7 @@ class MixedPrecision:
                 m.grad = p.grad.float()
         grads = [m.grad for m in self.masters]
         if self.scaling:
-            torch._foreach_mul_(grads, self.scale.reciprocal())  # exact: S is a power of two
+            torch._foreach_mul_(grads, self.scale.reciprocal())  # exact for a power-of-two S (the default); else within 1 ulp
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         # The one check of all gradients: an inf or NaN anywhere makes the global norm non-finite.
         found_inf = (~torch.isfinite(norm)).float()

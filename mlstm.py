@@ -31,7 +31,8 @@ RELEASED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "m
 def weight_norm(v, g):
     """w = g * v / ||v||, one norm per output unit (a column of v, which is stored [in, out]).
 
-    The norm is taken in at least float32: a 4096-long column's squared sum overflows fp16.
+    The factor g / ||v|| is computed in at least float32 and rounded to fp16 once. (torch's norm of an fp16
+    tensor already sums in float32; a hand-written fp16 sum of squares of a 4096-long column would overflow.)
     """
     acc = torch.promote_types(v.dtype, torch.float32)
     scale = g.to(acc) / v.to(acc).norm(dim=0)  # [out]

@@ -161,12 +161,21 @@ def fp16_worker(rank):
             p.grad = g.clone()
         distributed.GradReducer(comm_dtype=wire)(params)
         out[str(dtype)] = {"local": local, "fp32": exact, "fp16": [p.grad for p in params]}
+    # fp16 gradients whose sum overflows fp16 (2 x 40000 > 65504) though their mean does not
+    big = nn.Parameter(torch.zeros(3, dtype=torch.float16))
+    for wire in (None, torch.float32):
+        big.grad = torch.full((3,), 40000.0, dtype=torch.float16)
+        distributed.GradReducer(comm_dtype=wire)([big])
+        out["overflow", str(wire)] = big.grad.float()
     return out
 
 
 def test_fp16_communication_matches_float32(tmp_path):
     r0, r1 = launch_ok(tmp_path, fp16_worker)
-    for dtype in r0:
+    # --comm-fp32's reason: an fp16 model's gradients summed on an fp16 wire can overflow; in float32 they do not
+    assert torch.isinf(r0["overflow", "None"]).all(), f"fp16 wire: {r0['overflow', 'None']}"
+    assert (r0["overflow", "torch.float32"] == 40000.0).all(), f"float32 wire: {r0['overflow', 'torch.float32']}"
+    for dtype in ("torch.float32", "torch.float16"):
         for a, b, exact, half in zip(r0[dtype]["local"], r1[dtype]["local"], r0[dtype]["fp32"], r0[dtype]["fp16"]):
             a, b, exact, half = a.float(), b.float(), exact.float(), half.float()
             # fp16 rounds each rank's value and the sum (unit roundoff 2^-11 each) and halving is exact, so the
@@ -175,6 +184,10 @@ def test_fp16_communication_matches_float32(tmp_path):
             err = (half - exact).abs()
             assert (err <= bound).all(), f"{dtype}: max |fp16 - fp32| {err.max():.3g}, err/bound {(err / bound).max():.3g}"
         assert max_diff(r0[dtype]["fp16"], r1[dtype]["fp16"]) == 0.0, f"{dtype}: ranks differ after fp16 reduce"
+    # the float32 model's fp16 wire did round: each mean times 2 is an fp16 value, and not all equal float32's
+    sums = [2 * g.float() for g in r0["torch.float32"]["fp16"]]
+    assert all((s == s.half().float()).all() for s in sums), "float32 model: the fp16 wire did not round the sum"
+    assert max_diff(r0["torch.float32"]["fp16"], r0["torch.float32"]["fp32"]) > 0, "fp16 wire equals float32's"
 
 
 def overflow_worker(rank):

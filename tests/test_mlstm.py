@@ -78,7 +78,8 @@ def test_weight_norm_formula_and_initial_gain():
 
 
 def test_weight_norm_in_fp16_does_not_overflow():
-    v = torch.full((4096, 3), 8.0, dtype=torch.float16)  # sum of squares 262144 > fp16 max 65504
+    v = torch.full((4096, 3), 8.0, dtype=torch.float16)  # sum of squares 262144 > fp16 max 65504: the
+    # norm must not be summed in fp16
     w = weight_norm(v, torch.ones(3, dtype=torch.float16))
     assert torch.isfinite(w).all(), "fp16 weight norm overflowed"
     err = (w.float() - 4096**-0.5).abs().max().item()

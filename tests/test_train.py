@@ -225,6 +225,41 @@ def test_fast_paths_run_equal_the_eager_run_and_resume(tmp_path, flags):
     assert len(first + second) == 6 and diff < 1e-3, f"{flags}: {first + second} vs eager {eager}: max |diff| {diff}"
 
 
+def test_clipping_and_the_epoch_reset_follow_a_plain_reference_loop(tmp_path):
+    """train.py's first 1.5 epochs against the loop written the obvious way: torch's Adam, clip_grad_norm_, the
+    state carried between windows and zeroed when the streams restart. --clip 0.05 is below every gradient norm,
+    so each step is clipped."""
+    (tmp_path / "small").mkdir()
+    small = corpus(tmp_path / "small", n=30)  # 41 steps per epoch
+    got = losses(run(tmp_path, "a", "--data", small, "--epochs", "1.5", "--iters", "0", "--clip", "0.05",
+                     "--lr", "1e-2", "--warmup", "3"))
+    train_bin, = glob.glob(str(tmp_path / "cache" / "*" / "train.bin"))
+    loader = data.ByteLoader(train_bin, 4, 16)
+    spe = (os.path.getsize(train_bin) // 4 - 1) // 16
+    total = round(1.5 * spe)
+    torch.manual_seed(1)
+    model = mlstm.MLSTM(hidden=16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ref, norms = [], []
+    for step in range(total):
+        if step % spe == 0:
+            state = (torch.zeros(4, 16), torch.zeros(4, 16))
+        x, y = (torch.from_numpy(a) for a in loader.batch(step))
+        # warmup to 1e-2 over 3 steps, then linear decay to 0 at the last step
+        opt.param_groups[0]["lr"] = 1e-2 * (step + 1) / 3 if step < 3 else 1e-2 * (total - step) / (total - 3)
+        logits, (h, c) = model(x, state)
+        state = (h.detach(), c.detach())
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05).item())
+        opt.step()
+        ref.append(loss.item())
+    assert min(norms) > 0.05, f"a step was not clipped: smallest gradient norm {min(norms)}"
+    diff = max(abs(a - b) for a, b in zip(got, ref))
+    assert spe < len(got) == total and diff < 1e-5, f"{len(got)} steps, {spe} per epoch: max |loss - reference| {diff}"
+
+
 # Losses of the first 5 steps of the tiny model above (seed 1, CPU, fp32), recorded with torch 2.13.0.
 GOLDEN = [5.55435, 5.566417, 5.535129, 5.537367, 5.522027]
 
