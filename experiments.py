@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 
 import data
 import fp16
@@ -180,12 +181,12 @@ def read_metrics(path):
 # ---------------------------------------------------------------- the held-out evaluator (--bpc)
 
 
-def heldout_bpc(checkpoint, rows=16, seq=256, windows=32, split="test", device="cpu"):
+def heldout_bpc(checkpoint, rows=16, seq=256, windows=32, split="test", device="cpu", log=lambda *_: None):
     """BPC of a train.py checkpoint (fp32) on `rows` streams x `windows` windows of `seq` bytes of its corpus'
-    `split`, state carried (train.evaluate). Fewer rows when the split is small. -> dict(bpc, chars, ...)."""
+    `split`, state carried (train.evaluate). Fewer rows when the split is small; the corpus is prepared first
+    if its cache is gone (log: its progress). -> dict(bpc, chars, ...)."""
     model, cfg = mlstm.load_pretrained(checkpoint, device)
-    corpus = data.resolve(cfg["data"], cfg["cache_dir"], cfg["text_field"], cfg["val_frac"], cfg["test_frac"],
-                          log=lambda *_: None)
+    corpus = data.resolve(cfg["data"], cfg["cache_dir"], cfg["text_field"], cfg["val_frac"], cfg["test_frac"], log=log)
     path = os.path.join(corpus, split + ".bin")
     rows = min(rows, os.path.getsize(path) // (seq + 1))
     if rows < 1:
@@ -646,7 +647,8 @@ def main(argv=None):
         import torch
         torch.set_num_threads(a.threads)
     if a.bpc:
-        print(json.dumps(heldout_bpc(a.bpc, a.eval_rows, a.eval_seq, a.eval_windows, device=a.device)))
+        progress = partial(print, file=sys.stderr, flush=True)  # stdout: the JSON line alone
+        print(json.dumps(heldout_bpc(a.bpc, a.eval_rows, a.eval_seq, a.eval_windows, device=a.device, log=progress)))
         return None
     runs, exps = plan(a)
     if a.dry_run:

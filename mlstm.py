@@ -329,7 +329,7 @@ def load_pretrained(path, device="cpu"):
     """(model, config) from a train.py checkpoint or a released model (train.py --export); clear errors
     instead of deep tracebacks. Weights stored in fp16 are loaded into the fp32 model."""
     if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such checkpoint file")
+        raise SystemExit(f"error: {path}: no such checkpoint file")
     try:
         ckpt = read_checkpoint(path, device)
         model = MLSTM(**model_config(ckpt["config"]))
@@ -339,5 +339,5 @@ def load_pretrained(path, device="cpu"):
         why = lines[0]  # one line; load_state_dict's first ends in ":" and lists one mismatched weight per line
         if why.endswith(":") and len(lines) > 1:
             why += f" {lines[1]}" + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
-        raise SystemExit(f"{path}: not a usable mLSTM checkpoint ({type(e).__name__}: {why})")
+        raise SystemExit(f"error: {path}: not a usable mLSTM checkpoint ({type(e).__name__}: {why})")
     return model.to(device), ckpt["config"]

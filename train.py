@@ -185,6 +185,7 @@ def load_checkpoint(out, config, log, main=True):
     if bad:
         raise SystemExit(f"error: --resume: no usable checkpoint in {out} ({'; '.join(bad)}). Move them away "
                          f"to start afresh.")
+    log(f"--resume: no checkpoint in {out} yet: starting at step 0")  # a first start under torchrun --max-restarts
     return None
 
 

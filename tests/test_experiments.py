@@ -7,6 +7,7 @@ import random
 import subprocess
 
 import pytest
+import torch
 
 import experiments
 
@@ -122,6 +123,22 @@ def test_diverging_run_is_reported_as_div(sweep):
     cell = f"**Div** (step {run['diverged_step']})"
     summary, detail = row(lr, "fixed 1e+06"), row(lr, "4", "fixed 1e+06")
     assert summary[1] == cell and detail[4:7] == [cell, cell, "Div"], f"Div rows {summary}, {detail[:7]}; want {cell}"
+
+
+def test_bpc_alone_prepares_a_missing_corpus_on_stderr_and_prints_the_records_number(sweep, tmp_path, capsys,
+                                                                                     monkeypatch):
+    root, _, res = sweep
+    name = res["experiments"]["size"][0].name
+    ckpt = torch.load(root / "out" / "runs" / name / "ckpt.pt", weights_only=True)
+    ckpt["config"]["cache_dir"] = str(tmp_path / "cache")  # its corpus cache is gone
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    monkeypatch.chdir(os.getcwd())
+    experiments.main(["--bpc", str(tmp_path / "ckpt.pt"), "--eval-rows", "2", "--eval-seq", "16", "--eval-windows",
+                      "4", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    heldout = json.loads((root / "out" / "runs" / name / "heldout.json").read_text())
+    assert json.loads(out)["bpc"] == heldout["bpc"], f"stdout {out!r}; heldout.json {heldout}"
+    assert "prepare: " in err and str(tmp_path / "cache") in err, f"no progress of the preparation in {err!r}"
 
 
 def test_second_invocation_skips_finished_runs(sweep, monkeypatch):

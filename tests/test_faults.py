@@ -227,6 +227,12 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
         run(tmp_path, "a", "--iters", "4", "--resume")
 
 
+def test_resume_into_a_folder_without_checkpoints_says_it_starts_at_step_0(tmp_path, capsys):
+    run(tmp_path, "a", "--iters", "2", "--resume")
+    out = capsys.readouterr().out
+    assert f"--resume: no checkpoint in {tmp_path / 'a'} yet: starting at step 0" in out, out[-400:]
+
+
 # --- foreign and code-running checkpoints -------------------------------------------------------------------
 
 
