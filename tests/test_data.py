@@ -6,6 +6,7 @@ import io
 import json
 import lzma
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -50,12 +51,19 @@ def test_prepare_plain_text_split_is_deterministic_and_complete(tmp_path):
     src = tmp_path / "corpus.txt"
     docs = [f"document number {i} &lt;3" for i in range(300)]
     src.write_text("\n".join(docs) + "\n\n")
-    meta = data.prepare([str(src)], str(tmp_path / "a"), val_frac=0.1, test_frac=0.1, seed=5, log=lambda *a: None)
-    data.prepare([str(src)], str(tmp_path / "b"), val_frac=0.1, test_frac=0.1, seed=5, log=lambda *a: None)
+    for out, seed in (("a", 5), ("b", 5), ("c", 6)):
+        data.prepare([str(src)], str(tmp_path / out), val_frac=0.05, test_frac=0.2, seed=seed, log=lambda *a: None)
     got = {s: read_split(str(tmp_path / "a"), s) for s in data.SPLITS}
     assert sorted(sum(got.values(), [])) == sorted(data.normalize(d) for d in docs)
     assert all(got[s] == read_split(str(tmp_path / "b"), s) for s in data.SPLITS), "same seed, different split"
-    assert 10 <= meta["documents"]["val"] <= 50 and 10 <= meta["documents"]["test"] <= 50, meta["documents"]
+    assert got["val"] != read_split(str(tmp_path / "c"), "val"), "another seed, the same split"
+    # the split re-derived: one uniform draw per document from the seeded generator, val below 0.05, test below 0.25
+    rng = random.Random(5)
+    want = {s: [] for s in data.SPLITS}
+    for d in docs:
+        r = rng.random()
+        want["val" if r < 0.05 else "test" if r < 0.25 else "train"].append(data.normalize(d))
+    assert got == want, {s: (len(got[s]), len(want[s])) for s in data.SPLITS}
     assert not os.path.exists(str(tmp_path / "a") + ".tmp")
 
 
@@ -365,6 +373,18 @@ def test_loader_rows_are_contiguous_streams_across_steps(tmp_path):
     x0, _ = loader.batch(0)
     xe, _ = loader.batch(loader.steps_per_epoch)  # the next epoch starts over, without shuffling
     assert loader.window(loader.steps_per_epoch) == 0 and np.array_equal(x0, xe)
+
+
+def test_loader_windows_stay_inside_their_row_when_rows_are_a_whole_number_of_windows(tmp_path):
+    B, T, k = 3, 8, 5  # each row exactly k*T bytes: its last window would need one byte of the next row
+    path = tmp_path / "exact.bin"
+    stream = np.repeat(np.arange(B, dtype=np.uint8), k * T)  # row b's bytes are all b
+    stream.tofile(path)
+    loader = data.ByteLoader(str(path), B, T)
+    assert loader.steps_per_epoch == k - 1, f"{loader.steps_per_epoch} windows per epoch, want {k - 1}"
+    for step in range(loader.steps_per_epoch):
+        x, y = loader.batch(step)
+        assert (x == np.arange(B)[:, None]).all() and (y == np.arange(B)[:, None]).all(), f"step {step} crosses rows"
 
 
 def test_loader_ranks_partition_the_global_batch_and_steps_are_pure(tmp_path):

@@ -85,7 +85,8 @@ def test_the_lr_rule_scales_the_peak_lr_to_the_batch(tmp_path, rule, lr):
     assert m[0]["lr"] == pytest.approx(lr, rel=1e-6), f"{rule}: lr {m[0]['lr']}, want {lr}"
 
 
-def test_evaluate_equals_a_float64_reference_over_each_rows_stream(tmp_path):
+@pytest.mark.parametrize("iters", [7, 1000])  # fewer windows than the loader holds; more (it evaluates all 166)
+def test_evaluate_equals_a_float64_reference_over_each_rows_stream(tmp_path, iters):
     """train.evaluate (windows of a held-out loader, state carried) against the mean cross-entropy of each row's
     whole stream read in one window by a float64 copy of the model, in bits."""
     rng = np.random.default_rng(0)
@@ -94,8 +95,8 @@ def test_evaluate_equals_a_float64_reference_over_each_rows_stream(tmp_path):
     torch.manual_seed(0)
     model = mlstm.MLSTM(hidden=16)
     loader = data.ByteLoader(str(path), batch_size=3, seq_len=10)
-    n = 7  # windows evaluated, fewer than the loader holds
-    got = train.evaluate(model, loader, n, torch.device("cpu"))
+    got = train.evaluate(model, loader, iters, torch.device("cpu"))
+    n = min(iters, (5000 // 3 - 1) // 10)  # the windows there are to evaluate
     stream = np.memmap(path, dtype=np.uint8, mode="r")
     rows = torch.from_numpy(np.stack([stream[b * loader.L: b * loader.L + n * 10 + 1] for b in range(3)]).astype(np.int64))
     with torch.no_grad():
