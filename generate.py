@@ -131,6 +131,9 @@ def parse_args(argv=None):
             a.results_model = {k: r[k] for k in ("checkpoint", "hidden") if k in r}  # older files lack them
             if a.sign not in (1, -1):
                 raise ValueError(f"neuron_sign is {a.sign}, not +1 or -1")
+            if r.get("feature", "cell") == "hidden":  # older files lack it: they are of the cell state
+                p.error(f"--results {a.results}: its neuron is a unit of the hidden state (transfer.py --feature "
+                        "hidden); generate.py holds a unit of the cell state: use results of --feature cell or mean")
         except (OSError, ValueError, KeyError, TypeError) as e:
             p.error(f"--results {a.results}: not a transfer.py results file ({type(e).__name__}: {e})")
     # A cell state stays within a few units; 1e4 also stays finite in fp16 (its largest value is 65504).

@@ -350,7 +350,7 @@ def threshold_fit(x, y, sign=1.0):
 
 
 def bag_of_words(train_texts, *others, vocab=2000):
-    """Count matrices over train's `vocab` most frequent lowercase words (ties: alphabetical)."""
+    """Count matrices over the `vocab` lowercase words found in the most train texts (ties: alphabetical)."""
     tok = lambda t: re.findall(r"[a-z0-9']+", t.lower())  # noqa: E731
     counts = Counter(w for t in train_texts for w in set(tok(t)))
     words = {w: i for i, (w, _) in enumerate(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:vocab])}
@@ -458,17 +458,21 @@ def run(a, log=print):
         stats[s] = dict(texts=len(B[s]), bytes=nb, seconds=round(el, 3), cached=hit,
                         texts_per_s=round(len(B[s]) / el, 1), bytes_per_s=round(nb / el))
     Ztr, Zva, Zte = standardize(X["train"], X["val"], X["test"])
-    fits, t0 = {}, time.time()
+    fits, ws, t0 = {}, {}, time.time()
     for pen in ("l1", "l2"):
         t1 = time.time()
         r = fit_select(Ztr, y["train"], Zva, y["val"], pen, device=a.device)
         fits[pen] = dict(C=r["C"], nonzero=r["nonzero"], train_acc=accuracy(Ztr, y["train"], r["w"], r["b"]),
                          val_acc=r["val_acc"], test_acc=accuracy(Zte, y["test"], r["w"], r["b"]),
                          seconds=round(time.time() - t1, 2), path=r["path"])
-        if pen == "l1":
-            w1 = r["w"]
-    unit = int(np.argmax(np.abs(w1)))
-    sign = 1.0 if w1[unit] >= 0 else -1.0
+        ws[pen] = r["w"]
+    # the sentiment neuron: the unit of the largest L1 weight; an L1 fit that kept no unit (features no better than
+    # the majority class at the chosen C) leaves the choice to the L2 fit, rather than to unit 0 of an all-zero w
+    neuron_fit = "l1" if np.any(ws["l1"]) else "l2"
+    if neuron_fit == "l2":
+        log("note: the L1 fit kept no unit at the chosen C; the neuron is the L2 fit's largest weight")
+    unit = int(np.argmax(np.abs(ws[neuron_fit])))
+    sign = 1.0 if ws[neuron_fit][unit] >= 0 else -1.0
     thr, neuron_train = threshold_fit(Ztr[:, unit], y["train"], sign)
     neuron_acc = {s: float(((sign * Z[:, unit] > thr) == (y[s] == 1)).mean())
                   for s, Z in (("val", Zva), ("test", Zte))}
@@ -483,7 +487,8 @@ def run(a, log=print):
     res = dict(task=a.task or "files", checkpoint=os.path.abspath(a.checkpoint), hidden=model.hidden,
                feature=a.feature, penalty=a.penalty, device=a.device, dtype=a.dtype,
                test_acc=main["test_acc"], val_acc=main["val_acc"], train_acc=main["train_acc"], C=main["C"],
-               nonzero=main["nonzero"], neuron=unit, neuron_sign=int(sign), neuron_threshold=thr,
+               nonzero=main["nonzero"], neuron=unit, neuron_fit=neuron_fit, neuron_sign=int(sign),
+               neuron_threshold=thr,
                neuron_train_acc=neuron_train, neuron_val_acc=neuron_acc["val"], neuron_test_acc=neuron_acc["test"],
                baseline_test_acc=base["test_acc"] if base else None, baseline=base, fits=fits, featurize=stats,
                solver_seconds=round(time.time() - t0, 2))

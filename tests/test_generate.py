@@ -90,24 +90,25 @@ def test_seed_fixes_the_text(tmp_path):
         assert k[t] in logits[0, t - 1].topk(3).indices.tolist(), t
 
 
-def test_neuron_is_held_at_every_step(tmp_path):
+@pytest.mark.parametrize("unit", [5, 0])  # unit 0 as well: a held unit is never taken as "none"
+def test_neuron_is_held_at_every_step(tmp_path, unit):
     _, model = tiny(tmp_path)
     x = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        step, state, free = generate.stepper(model, neuron=5, value=3.0), model.zero_state(2), model(x)[0]
+        step, state, free = generate.stepper(model, neuron=unit, value=3.0), model.zero_state(2), model(x)[0]
         ref = model.zero_state(2)
         for t in range(x.shape[1]):
             logits, state = step(x[:, t], state)
-            assert (state[1][:, 5] == 3.0).all(), f"step {t}: c[:, 5] = {state[1][:, 5].tolist()}"
+            assert (state[1][:, unit] == 3.0).all(), f"step {t}: c[:, {unit}] = {state[1][:, unit].tolist()}"
             _, _, (h, c) = model.rnn(x[:, t : t + 1], ref)
             c = c.clone()
-            c[:, 5] = 3.0
+            c[:, unit] = 3.0
             ref = (h, c)
             assert (logits - model.out(h)).abs().max() < 1e-5, t
     assert (logits - free[:, -1]).abs().max() > 1e-3  # holding the unit does change what the model writes
     prime = generate.frame(b"It was")
     for v in (-4.0, 4.0):
-        assert generate.sample(model, prime, 25, 0, neuron=5, value=v) == [naive_greedy(model, prime, 25, 5, v)]
+        assert generate.sample(model, prime, 25, 0, neuron=unit, value=v) == [naive_greedy(model, prime, 25, unit, v)]
 
 
 def test_frame_is_data_normalize_without_the_closing_space():
@@ -143,6 +144,9 @@ def test_results_file_sign_and_heatmaps(tmp_path, capsys):
     want = generate.sample(model, b"\n ", 20, 0, neuron=3, value=-2.0)[0]  # +2 in the neuron's direction
     assert out == want.decode("utf-8", "replace") + "\n"
     assert "neuron 3 (sign -1), cell state, held at -2" in page.read_text()
+    hidden = tmp_path / "hidden.json"  # a neuron of the hidden state is not the cell unit generate.py holds
+    hidden.write_text(json.dumps({"neuron": 3, "neuron_sign": 1, "feature": "hidden"}))
+    fails(["--checkpoint", path, "--results", str(hidden)], "its neuron is a unit of the hidden state", capsys)
     run(["--checkpoint", path, "--neuron", "3", "--text", "good <b>film</b>", "--heatmap", str(page)], capsys)
     trace = transfer.unit_trace(model, data.normalize("good <b>film</b>"), 3)
     html = page.read_text()

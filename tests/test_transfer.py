@@ -5,6 +5,7 @@ import gzip
 import io
 import json
 import lzma
+import os
 import re
 import tarfile
 
@@ -296,6 +297,57 @@ def test_reported_numbers_match_sklearn_on_planted_features(tmp_path, monkeypatc
         f"at t={t}: {at_t}; max difference {max(diffs.values()):.3g} ({diffs})"
     four = [want["val"], want["test"], at_t["val"], at_t["test"]]  # a swap of any two fields must be seen
     assert min(abs(p - q) for i, p in enumerate(four) for q in four[i + 1:]) > 1.5 / sizes["test"], four
+
+
+def test_an_l1_fit_that_keeps_no_unit_leaves_the_neuron_to_l2(tmp_path, monkeypatch):
+    """Pure-noise features and 70% positive labels: every C's all-zero L1 fit ties the majority class on
+    validation, and the smallest C wins. The neuron is then the L2 fit's largest weight, not unit 0."""
+    rng, feats, files = np.random.default_rng(0), {}, {}
+    for s, n in (("train", 100), ("val", 60), ("test", 60)):
+        y = (np.arange(n) < round(0.7 * n)).astype(np.int64)
+        feats[s] = rng.normal(size=(n, 8)).astype(np.float32)
+        files[s] = write(tmp_path / f"{s}.csv", "label,text\n" + "".join(f"{k},{s} text {i}\n" for i, k in enumerate(y)))
+    monkeypatch.setattr(transfer, "cached_features", lambda model, ckpt, name, bs, *a, **k:
+                        (feats[name][[int(b.split()[-1]) for b in bs]], False))
+    notes = []
+    res = transfer.run(transfer.parse_args(
+        ["--checkpoint", tiny_checkpoint(tmp_path, 8), "--train", files["train"], "--val", files["val"], "--test",
+         files["test"], "--out", str(tmp_path / "out"), "--device", "cpu", "--bow-vocab", "0", "--heatmap", "0"]),
+        log=notes.append)
+    assert res["fits"]["l1"]["nonzero"] == 0, f"the premise: L1 keeps no unit, got {res['fits']['l1']}"
+    Z = transfer.standardize(feats["train"])[0]
+    w2 = transfer.fit_l2(Z, np.array([1] * 70 + [0] * 30), res["fits"]["l2"]["C"])[0]
+    assert res["neuron_fit"] == "l2" and res["neuron"] == int(np.argmax(np.abs(w2))) != 0, \
+        f"neuron {res['neuron']} from {res['neuron_fit']}; L2 weights {w2}"
+    assert any("L1 fit kept no unit" in str(m) for m in notes), notes
+
+
+def test_the_feature_cache_misses_on_any_change_of_checkpoint_texts_feature_or_dtype(tmp_path):
+    model, bs = tiny_model(), texts()
+    ckpt = write(tmp_path / "c.pt", "stands in for the checkpoint")
+    other = write(tmp_path / "d.pt", "stands in for the checkpoint")  # same size and contents, another file
+    cache = str(tmp_path / "cache")
+
+    def hit(path=ckpt, strings=bs, feature="cell", dtype="fp32"):
+        return transfer.cached_features(model, path, "train", strings, cache, feature, dtype)[1]
+
+    assert not hit() and hit(), "the first call featurises, the second reads the cache"
+    changes = {"another checkpoint file": dict(path=other), "another text": dict(strings=bs[:-1] + [bs[-1] + b"!"]),
+               "another feature": dict(feature="mean"), "another dtype": dict(dtype="bf16")}
+    for what, kw in changes.items():
+        assert not hit(**kw), f"{what}: a stale cache was read"
+    st = os.stat(ckpt)
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # retrained in place: same size, newer
+    assert not hit(), "a rewritten checkpoint of the same size: a stale cache was read"
+
+
+def test_bag_of_words_counts_train_vocabulary_by_texts_containing_each_word():
+    train_texts = ["good good film", "good plot", "bad film", "dull"]
+    M_train, M_test = transfer.bag_of_words(train_texts, ["good unseen unseen film", "unseen", "unseen"], vocab=3)
+    # in how many train texts: film 2, good 2, bad 1, dull 1, plot 1 -> film, good, bad (ties alphabetical)
+    want_train = [[1, 2, 0], [0, 1, 0], [1, 0, 1], [0, 0, 0]]  # columns film, good, bad; counts, not presence
+    assert M_train.tolist() == want_train and M_test.tolist() == [[1, 1, 0], [0, 0, 0], [0, 0, 0]], \
+        (M_train.tolist(), M_test.tolist())  # "unseen", in 3 test texts, is not in the vocabulary
 
 
 @pytest.mark.parametrize("cut", [0, 40, -8])  # empty, header cut short, data cut short
