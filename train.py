@@ -128,8 +128,12 @@ def start_run_files(cfg, start, log):
     out, path = cfg["out"], os.path.join(cfg["out"], "metrics.jsonl")
     kept = []
     if start == 0 and any(os.path.exists(os.path.join(out, f)) for f in ("ckpt.pt", "metrics.jsonl")):
-        log(f"warning: {out} holds an earlier run; this fresh run replaces it (--resume continues it)")
+        log(f"warning: {out} holds an earlier run; this fresh run replaces it (--resume continues it); its "
+            "checkpoints, if any, are kept as *.earlier")
     try:
+        for name in ("ckpt.pt", "ckpt.prev.pt") if start == 0 else ():  # never resumed, nor fallen back to, later
+            if os.path.exists(os.path.join(out, name)):
+                os.replace(os.path.join(out, name), os.path.join(out, name + ".earlier"))
         if os.path.exists(path):
             with open(path) as f:
                 for line in f:
@@ -365,7 +369,9 @@ def main(cfg):
             log(f"step {step}/{total} | val bpc {val:.3f}")
             record({"step": step, "val_bpc": val})
             t0 += time.time() - paused
-    if step == total:
+    if step_start == total:  # --resume of a finished run: its final evaluation is already in metrics.jsonl
+        log(f"--resume: the run in {cfg['out']} was already complete at step {total}: nothing to do")
+    elif step == total:
         if "test" in evals:
             test = evaluate(model, evals["test"], cfg["eval_iters"], d.device)
             log(f"final | test bpc {test:.3f}")

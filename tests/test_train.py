@@ -147,9 +147,21 @@ def test_metrics_after_the_checkpoint_are_not_logged_twice_on_resume(tmp_path, c
     steps = [e["step"] for e in m if "loss" in e]
     assert steps == list(range(1, 9)), f"logged steps after resume: {steps}"
     assert "earlier run" not in capsys.readouterr().out
-    m = run(tmp_path, "a", "--iters", "3")  # a fresh run into the folder: its own log only, and a warning
-    assert [e["step"] for e in m if "loss" in e] == [1, 2, 3]
+    # a fresh run into the folder, ended after its first checkpoint: its own log only, and a warning; the earlier
+    # run's checkpoint is kept aside, not rotated into ckpt.prev.pt where --resume would fall back to it
+    m = run(tmp_path, "a", "--iters", "3", "--stop-at", "1")
+    assert [e["step"] for e in m if "loss" in e] == [1]
     assert "warning: " + str(tmp_path / "a") + " holds an earlier run" in capsys.readouterr().out
+    assert not (tmp_path / "a" / "ckpt.prev.pt").exists(), "the earlier run's checkpoint is the fallback"
+    assert torch.load(tmp_path / "a" / "ckpt.pt.earlier", weights_only=True)["step"] == 8
+
+
+def test_resuming_a_finished_run_evaluates_nothing_twice(tmp_path, capsys):
+    first = run(tmp_path, "a", "--iters", "3")
+    assert sum("test_bpc" in e for e in first) == 1, first[-2:]
+    again = run(tmp_path, "a", "--iters", "3", "--resume")
+    assert again == first, f"metrics.jsonl changed: {again[len(first) - 1:]}"
+    assert "already complete at step 3: nothing to do" in capsys.readouterr().out
 
 
 def test_a_skipped_step_logs_a_null_grad_norm_and_strict_json(tmp_path):
