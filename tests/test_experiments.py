@@ -157,6 +157,27 @@ def test_second_invocation_skips_finished_runs(sweep, monkeypatch):
             assert got[key] == rec[key], f"{name} {key}: first {rec[key]}, second {got[key]}"
 
 
+def test_the_plan_gives_each_rule_batch_and_dtype_its_command_and_the_same_characters(tmp_path):
+    a = experiments.parse_args(["--only", "lr,precision", "--out", str(tmp_path), "--batches", "4,16", "--rules",
+                                "sqrt:1e-3,linear:2e-3", "--lr-chars", "4096", "--lr-hidden", "8", "--seq-len", "16",
+                                "--dtypes", "fp32,bf16", "--precision-hidden", "8", "--size-batch", "8", "--chars",
+                                "2048", "--size-lr", "none:2e-3"])
+    _, exps = experiments.plan(a)
+    scale = {"none": lambda b: 1.0, "linear": lambda b: b / 128, "sqrt": lambda b: (b / 128) ** 0.5}
+    seen = set()
+    for exp, chars in (("lr", 4096), ("precision", 2048)):
+        for r in exps[exp]:
+            flags = dict(zip(r.argv[1::2], map(str, r.argv[2::2])))  # train.py --flag value pairs
+            batch, iters = int(flags["--batch-size"]), int(flags["--iters"])
+            rule, lr = flags["--lr-rule"], float(flags["--lr"])
+            seen.add((exp, batch, rule, lr, flags["--dtype"]))
+            assert iters * batch * 16 == chars, f"{r.name}: {iters} steps x {batch} x 16 != {chars} characters"
+            want = lr * scale[rule](batch)
+            assert abs(r.peak_lr() - want) <= 1e-12 * want, f"{r.name}: peak lr {r.peak_lr()}, want {want}"
+    assert seen == {("lr", b, rule, lr, "fp32") for b in (4, 16) for rule, lr in (("sqrt", 1e-3), ("linear", 2e-3))} | \
+        {("precision", 8, "none", 2e-3, d) for d in ("fp32", "bf16")}, seen
+
+
 def test_gpu_scale_trains_with_cuda_graphs_and_cpu_scale_cannot(capsys):
     def argv(*flags):
         return experiments.plan(experiments.parse_args(["--only", "lr", *flags]))[0].values()
