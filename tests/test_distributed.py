@@ -257,7 +257,8 @@ def train_worker(rank, argv, fail=None):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A 1-process and a 2-process run of 8 steps, global batch 4; the 2-process run with small buckets."""
+    """A 1-process and a 2-process run of 8 steps, global batch 4; the 2-process run with small buckets. The lr is
+    scaled by --lr-rule sqrt to the global batch (peak 0.0566 x sqrt(4/128) = 0.01), not to a rank's 2 rows."""
     tmp = tmp_path_factory.mktemp("runs")
     rng = random.Random(0)
     words = "the movie was good bad great awful plot actor scene fun boring and but very not".split()
@@ -266,7 +267,7 @@ def runs(tmp_path_factory):
     def argv(out, *flags):
         return ["--data", str(tmp / "corpus.txt"), "--cache-dir", str(tmp / "cache"), "--out", str(tmp / out),
                 "--hidden", "16", "--embed", "8", "--batch-size", "4", "--seq-len", "16", "--iters", "8",
-                "--lr", "1e-2", "--log-every", "1", "--save-every", "4", "--eval-every", "1000", "--eval-iters", "2",
+                "--lr", "0.0566", "--lr-rule", "sqrt", "--log-every", "1", "--save-every", "4", "--eval-every", "1000", "--eval-iters", "2",
                 "--sample-chars", "0", "--device", "cpu", "--bucket-mb", "0.001", *flags]
 
     train.main(train.parse_args(argv("one")))

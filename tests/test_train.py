@@ -277,6 +277,11 @@ def test_clipping_and_the_epoch_reset_follow_a_plain_reference_loop(tmp_path):
 GOLDEN = [5.55435, 5.566417, 5.535129, 5.537367, 5.522027]
 
 
+def test_stop_at_beyond_the_schedule_ends_with_the_schedule(tmp_path):
+    m = run(tmp_path, "a", "--iters", "4", "--stop-at", "10")
+    assert [e["step"] for e in m if "loss" in e] == [1, 2, 3, 4] and any("test_bpc" in e for e in m), m[-2:]
+
+
 def test_golden_losses(tmp_path):
     got = losses(run(tmp_path, "g", "--iters", "5", "--lr", "1e-3"))
     diff = max(abs(a - b) for a, b in zip(got, GOLDEN))
