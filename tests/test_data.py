@@ -45,6 +45,24 @@ def read_split(out, split):
 def test_normalize_matches_the_reference_preprocessing():
     assert data.normalize("a &amp; b\nc  ") == b"\n a & b c "
     assert data.normalize("caf\u00e9") == "\n caf\u00e9 ".encode()
+    assert data.normalize("  \n lead and trail \n ") == b"\n lead and trail "  # stripped at both ends
+
+
+def test_a_file_sources_cache_key_follows_every_setting_and_the_files_mtime(tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"reviewText": "one", "text": "uno"}\n{"reviewText": "two", "text": "dos"}\n')
+    cache = str(tmp_path / "cache")
+
+    def key(**kw):
+        return data.resolve(str(src), cache, **{"val_frac": 0.0, "test_frac": 0.0, "log": quiet, **kw})
+
+    base = key()
+    assert key() == base, "the same settings prepare again"
+    for kw in ({"text_field": "text"}, {"val_frac": 0.5}, {"test_frac": 0.5}, {"seed": 1}):
+        assert key(**kw) != base, f"{kw}: the corpus of other settings was reused"
+    st = os.stat(src)
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten in place, same size
+    assert key() != base, "a rewritten source of the same size: the stale corpus was reused"
 
 
 def test_prepare_plain_text_split_is_deterministic_and_complete(tmp_path):
