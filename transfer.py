@@ -172,7 +172,8 @@ def _progress(label, total, every=2.0):
 
 @torch.inference_mode()
 def featurize(model, byte_strings, feature="cell", batch_size=64, chunk=256, progress=None):
-    """[N, H] float32 features of `byte_strings`, in the model's device and dtype.
+    """[N, H] features of `byte_strings`: computed on the model's device in its dtype, returned as a float32
+    numpy array.
 
     Texts are sorted by length (longest first) and right-padded, and each text's feature is read at its
     own last byte, so padding never changes it. Long texts go through in `chunk`-byte windows with the
