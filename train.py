@@ -128,8 +128,8 @@ def start_run_files(cfg, start, log):
     out, path = cfg["out"], os.path.join(cfg["out"], "metrics.jsonl")
     kept = []
     if start == 0 and any(os.path.exists(os.path.join(out, f)) for f in ("ckpt.pt", "metrics.jsonl")):
-        log(f"warning: {out} holds an earlier run; this fresh run replaces it (--resume continues it); its "
-            "checkpoints, if any, are kept as *.earlier")
+        log(f"warning: {out} holds an earlier run; this fresh run replaces its log and keeps its checkpoints, if "
+            "any, as *.earlier (to continue a run, give --resume)")
     try:
         for name in ("ckpt.pt", "ckpt.prev.pt") if start == 0 else ():  # never resumed, nor fallen back to, later
             if os.path.exists(os.path.join(out, name)):
