@@ -235,6 +235,25 @@ def brute_threshold_acc(v, y):
     return max(float(((v > t) == (y == 1)).mean()) for t in np.append(v, -np.inf))
 
 
+def run_on_features(tmp_path, monkeypatch, feats, labels):
+    """transfer.run on given features: one CSV per split whose row i reads "SPLIT text i", and cached_features
+    monkeypatched to return feats[SPLIT][i] for it. -> (run's results, what it logged)."""
+    files = {s: write(tmp_path / f"{s}.csv", "label,text\n" + "".join(f"{k},{s} text {i}\n" for i, k in enumerate(y)))
+             for s, y in labels.items()}
+
+    def fake_features(model, checkpoint, name, byte_strings, cache_dir, feature="cell", dtype="fp32", **kw):
+        words = [b.split() for b in byte_strings]  # b"\n train text 17 ": the row of the features it gets
+        assert all(w[0].decode() == name for w in words), (name, byte_strings[:3])
+        return feats[name][[int(w[-1]) for w in words]], False
+
+    monkeypatch.setattr(transfer, "cached_features", fake_features)
+    argv = ["--checkpoint", tiny_checkpoint(tmp_path, feats["train"].shape[1]), "--train", files["train"], "--val",
+            files["val"], "--test", files["test"], "--out", str(tmp_path / "out"), "--device", "cpu", "--bow-vocab",
+            "0", "--heatmap", "0"]
+    logged = []
+    return transfer.run(transfer.parse_args(argv), log=logged.append), logged
+
+
 def test_reported_numbers_match_sklearn_on_planted_features(tmp_path, monkeypatch):
     """run()'s reported numbers against independent references: the features are faked (cached_features
     monkeypatched) with one strongly informative unit of negative sign, one weaker and noise units, test noisier
@@ -243,7 +262,7 @@ def test_reported_numbers_match_sklearn_on_planted_features(tmp_path, monkeypatc
     hidden, planted = 16, 11
     rng = np.random.default_rng(12)  # a seed where the four val/test accuracies differ by 4+ examples
     sizes, noise = {"train": 200, "val": 120, "test": 120}, {"train": 1.0, "val": 1.0, "test": 3.0}
-    feats, labels, files = {}, {}, {}
+    feats, labels = {}, {}
     for s, n in sizes.items():
         y = (np.arange(n) < round(0.7 * n)).astype(np.int64)  # 70% positive: the bias matters
         rng.shuffle(y)
@@ -251,19 +270,7 @@ def test_reported_numbers_match_sklearn_on_planted_features(tmp_path, monkeypatc
         X[:, planted] = -(2 * y - 1) * 1.5 + noise[s] * rng.normal(size=n)
         X[:, 4] = (2 * y - 1) * 0.6 + noise[s] * rng.normal(size=n)  # weaker: the classifier is not the neuron
         feats[s], labels[s] = (3 * X + 5).astype(np.float32), y  # off centre and scale: standardising matters
-        rows = "".join(f"{k},{s} text {i}\n" for i, k in enumerate(y))
-        files[s] = write(tmp_path / f"{s}.csv", "label,text\n" + rows)
-
-    def fake_features(model, checkpoint, name, byte_strings, cache_dir, feature="cell", dtype="fp32", **kw):
-        words = [b.split() for b in byte_strings]  # b"\n train text 17 ": the row of the features it gets
-        assert all(w[0].decode() == name for w in words), (name, byte_strings[:3])
-        return feats[name][[int(w[-1]) for w in words]], False
-
-    monkeypatch.setattr(transfer, "cached_features", fake_features)
-    argv = ["--checkpoint", tiny_checkpoint(tmp_path, hidden), "--train", files["train"], "--val", files["val"],
-            "--test", files["test"], "--out", str(tmp_path / "out"), "--device", "cpu", "--bow-vocab", "0",
-            "--heatmap", "0"]
-    res = transfer.run(transfer.parse_args(argv), log=lambda *a: None)
+    res, _ = run_on_features(tmp_path, monkeypatch, feats, labels)
 
     scaler = StandardScaler().fit(feats["train"].astype(np.float64))
     Z = {s: scaler.transform(feats[s].astype(np.float64)) for s in sizes}
@@ -302,21 +309,14 @@ def test_reported_numbers_match_sklearn_on_planted_features(tmp_path, monkeypatc
 def test_an_l1_fit_that_keeps_no_unit_leaves_the_neuron_to_l2(tmp_path, monkeypatch):
     """Pure-noise features and 70% positive labels: every C's all-zero L1 fit ties the majority class on
     validation, and the smallest C wins. The neuron is then the L2 fit's largest weight, not unit 0."""
-    rng, feats, files = np.random.default_rng(0), {}, {}
+    rng, feats, labels = np.random.default_rng(0), {}, {}
     for s, n in (("train", 100), ("val", 60), ("test", 60)):
-        y = (np.arange(n) < round(0.7 * n)).astype(np.int64)
+        labels[s] = (np.arange(n) < round(0.7 * n)).astype(np.int64)
         feats[s] = rng.normal(size=(n, 8)).astype(np.float32)
-        files[s] = write(tmp_path / f"{s}.csv", "label,text\n" + "".join(f"{k},{s} text {i}\n" for i, k in enumerate(y)))
-    monkeypatch.setattr(transfer, "cached_features", lambda model, ckpt, name, bs, *a, **k:
-                        (feats[name][[int(b.split()[-1]) for b in bs]], False))
-    notes = []
-    res = transfer.run(transfer.parse_args(
-        ["--checkpoint", tiny_checkpoint(tmp_path, 8), "--train", files["train"], "--val", files["val"], "--test",
-         files["test"], "--out", str(tmp_path / "out"), "--device", "cpu", "--bow-vocab", "0", "--heatmap", "0"]),
-        log=notes.append)
+    res, notes = run_on_features(tmp_path, monkeypatch, feats, labels)
     assert res["fits"]["l1"]["nonzero"] == 0, f"the premise: L1 keeps no unit, got {res['fits']['l1']}"
     Z = transfer.standardize(feats["train"])[0]
-    w2 = transfer.fit_l2(Z, np.array([1] * 70 + [0] * 30), res["fits"]["l2"]["C"])[0]
+    w2 = transfer.fit_l2(Z, labels["train"], res["fits"]["l2"]["C"])[0]
     assert res["neuron_fit"] == "l2" and res["neuron"] == int(np.argmax(np.abs(w2))) != 0, \
         f"neuron {res['neuron']} from {res['neuron_fit']}; L2 weights {w2}"
     assert any("L1 fit kept no unit" in str(m) for m in notes), notes
