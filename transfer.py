@@ -24,7 +24,7 @@ Features are cached as .npy in --cache-dir (default CKPT_DIR/features/, safe to 
 checkpoint's path, size and mtime, the texts' content and the feature options. Writes to --out (default
 CKPT_DIR/transfer-TASK/): results.json, heatmap.html (the neuron per byte), histogram.txt (+ .png).
 """
-import argparse, codecs, csv, hashlib, html, json, lzma, os, re, sys, time, zlib
+import argparse, codecs, csv, hashlib, html, json, lzma, os, re, sys, time, warnings, zlib
 from collections import Counter
 
 import numpy as np
@@ -270,13 +270,12 @@ def fit_l2(X, y, C, init=None, tol=1e-12, max_iter=100, device="cpu"):
         step = torch.linalg.solve(Hm, g)
         dec = float(g @ step)  # Newton decrement^2: twice the predicted decrease
         t = 1.0
-        while True:  # Armijo step halving: plain Newton can overshoot far from the optimum
-            new = th - t * step
-            fn = obj(new)
-            if fn <= f - 0.25 * t * dec or t < 1e-8:
-                break
-            t /= 2
-        th, f = new, fn
+        while obj(th - t * step) > f - 0.25 * t * dec and t >= 1e-8:  # Armijo step halving: plain
+            t /= 2                                                     # Newton can overshoot
+        if t < 1e-8:  # no step lowers the objective beyond rounding: th is already the optimum
+            break
+        th = th - t * step
+        f = obj(th)
         if dec < tol * (1.0 + abs(float(f))):
             break
     th = th.cpu().numpy()
@@ -286,7 +285,7 @@ def fit_l2(X, y, C, init=None, tol=1e-12, max_iter=100, device="cpu"):
 def fit_l1(X, y, C, init=None, tol=1e-6, max_iter=20000, device="cpu"):
     """min_{w,b} sum_i logloss_i + ||w||_1 / C: sklearn's L1 LogisticRegression(C) divided by C. FISTA with
     step 1/L, L = lambda_max(Xb^T Xb)/4, adaptive restart; stops when the optimality violation (a
-    subgradient residual) is below tol * N. -> (w, b) with exact zeros."""
+    subgradient residual) is below tol * N, or warns after max_iter. -> (w, b) with exact zeros."""
     Xb, y = _design(X, y, device)
     N, D1 = Xb.shape
     lam = torch.full((D1,), 1.0 / C, dtype=torch.float64, device=device)
@@ -307,6 +306,8 @@ def fit_l1(X, y, C, init=None, tol=1e-6, max_iter=20000, device="cpu"):
             viol = torch.where(th != 0, (g + lam * torch.sign(th)).abs(), (g.abs() - lam).clamp(min=0))
             if float(viol.max()) < tol * N:
                 break
+    else:  # the loop never met the stopping test
+        warnings.warn(f"fit_l1 at C={C:g} stopped at max_iter={max_iter} before converging (tol={tol:g})")
     th = th.cpu().numpy()
     return th[:-1], float(th[-1])
 

@@ -8,6 +8,7 @@ import lzma
 import os
 import re
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
@@ -36,6 +37,25 @@ def test_l2_matches_sklearn(C):
     ref = LogisticRegression(C=C, tol=1e-12, max_iter=10000).fit(X, y)
     diff = max(np.abs(w - ref.coef_[0]).max(), abs(b - ref.intercept_[0]))
     assert diff < 1e-6, f"L2 coefficients differ from sklearn by {diff:.2e}"
+
+
+def test_l2_never_takes_a_step_that_raises_the_objective(monkeypatch):
+    X, y = problem()
+    w0, b0 = transfer.fit_l2(X, y, 1.0, max_iter=3)  # short of the optimum: a descent step exists
+    solve = torch.linalg.solve
+    monkeypatch.setattr(torch.linalg, "solve", lambda A, g: -solve(A, g))  # every direction points uphill
+    w, b = transfer.fit_l2(X, y, 1.0, init=(w0, b0))
+    diff = max(np.abs(w - w0).max(), abs(b - b0))
+    assert diff == 0, f"an uphill direction moved the fit by {diff:.2e}"
+
+
+def test_l1_warns_when_it_stops_at_max_iter():
+    X, y = problem(seed=1)
+    with pytest.warns(UserWarning, match="max_iter=20 before converging"):
+        transfer.fit_l1(X, y, 1.0, tol=1e-9, max_iter=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a converged fit stays silent
+        transfer.fit_l1(X, y, 1.0, tol=1e-9)
 
 
 @pytest.mark.parametrize("C", [2.0**-6, 2.0**-3, 1.0])
