@@ -334,10 +334,20 @@ def _fingerprint(path):
 
 
 def resolve(data, cache_dir, text_field="reviewText", val_frac=0.01, test_frac=0.01, seed=0, log=print):
-    """A prepared corpus folder for `data`: itself if it holds meta.json, else a cached preparation keyed by
-    the source's path, size and mtime (a folder's: its files') and the split settings (prepared on first use,
-    once: a second process asking for it meanwhile waits for the first one's)."""
+    """A prepared corpus folder for `data`: itself if it holds meta.json (logging its own split settings where
+    they differ from the ones given), else a cached preparation keyed by the source's path, size and mtime (a
+    folder's: its files') and the split settings (prepared on first use, once: a second process asking for it
+    meanwhile waits for the first one's)."""
     if os.path.isdir(data) and os.path.isfile(os.path.join(data, "meta.json")):
+        try:
+            with open(os.path.join(data, "meta.json")) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{os.path.join(data, 'meta.json')}: unreadable ({e})")
+        asked = {"text_field": text_field, "val_frac": val_frac, "test_frac": test_frac}
+        if any(meta.get(k) != v for k, v in asked.items()):  # fixed when it was prepared: say which apply
+            log(f"data: {data} is a prepared corpus; its own " + ", ".join(f"{k} {meta.get(k)}" for k in asked)
+                + " apply, not the ones given here")
         return data
     if not os.path.exists(data):
         raise DataError(f"{data}: no such file or folder")

@@ -65,6 +65,23 @@ def test_a_file_sources_cache_key_follows_every_setting_and_the_files_mtime(tmp_
     assert key() != base, "a rewritten source of the same size: the stale corpus was reused"
 
 
+def test_a_prepared_folder_is_used_as_it_is_and_says_when_its_split_differs(tmp_path):
+    src = tmp_path / "c.txt"
+    src.write_text("".join(f"doc {i}\n" for i in range(50)))
+    out = str(tmp_path / "corpus")
+    data.prepare([str(src)], out, val_frac=0.1, test_frac=0.2, log=quiet)
+    said = []
+    assert data.resolve(out, str(tmp_path / "cache"), val_frac=0.1, test_frac=0.2, log=said.append) == out
+    assert said == [], said
+    assert data.resolve(out, str(tmp_path / "cache"), log=said.append) == out  # train.py's defaults, 0.01
+    assert len(said) == 1 and "val_frac 0.1, test_frac 0.2 apply" in said[0], said
+    assert not os.path.exists(tmp_path / "cache"), "a prepared folder was prepared again"
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        f.write("{")
+    with pytest.raises(data.DataError, match="meta.json: unreadable"):
+        data.resolve(out, str(tmp_path / "cache"), log=quiet)
+
+
 def test_prepare_plain_text_split_is_deterministic_and_complete(tmp_path):
     src = tmp_path / "corpus.txt"
     docs = [f"document number {i} &lt;3" for i in range(300)]
