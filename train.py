@@ -359,16 +359,17 @@ def main(cfg):
                     "grad_norm": norm if math.isfinite(norm) else None, "scale": sc["scale"],
                     "skipped": sc["skipped"], "chars_per_s": cps})
             loss_sum, n_loss, t0, skipped_before = torch.zeros((), device=d.device), 0, time.time(), sc["skipped"]
-            if step % cfg["save_every"] == 0 or step == end:
-                paused = pause_clock()
-                checkpoint()
-                last_ok, t0 = step, t0 + time.time() - paused
         if (step % cfg["eval_every"] == 0 or step == total) and "val" in evals:
             paused = pause_clock()
             val = evaluate(model, evals["val"], cfg["eval_iters"], d.device)
             log(f"step {step}/{total} | val bpc {val:.3f}")
             record({"step": step, "val_bpc": val})
             t0 += time.time() - paused
+        # After the step's events: a run killed once its checkpoint is written resumes with all of them logged.
+        if step % cfg["save_every"] == 0 or step == end:  # save steps are log steps (--save-every is checked)
+            paused = pause_clock()
+            checkpoint()
+            last_ok, t0 = step, t0 + time.time() - paused
     if step_start == total:  # --resume of a finished run: its final evaluation is already in metrics.jsonl
         log(f"--resume: the run in {cfg['out']} was already complete at step {total}: nothing to do")
     elif step == total:

@@ -170,6 +170,32 @@ def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, capsys):
     assert same_weights(tmp_path / "straight" / "ckpt.pt", tmp_path / "killed" / "ckpt.pt")
 
 
+class Killed(BaseException):
+    """A kill at a chosen point, raised inside the process: nothing after it runs, no handler catches it."""
+
+
+def test_a_kill_right_after_a_checkpoint_resumes_with_every_event_of_that_step(tmp_path, monkeypatch):
+    run(tmp_path, "straight", "--iters", "8", "--eval-every", "2")
+    real = train.save_checkpoint
+
+    def save_then_die(path, ckpt):
+        real(path, ckpt)
+        if ckpt["step"] == 4:
+            raise Killed
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        run(tmp_path, "killed", "--iters", "8", "--eval-every", "2")
+    monkeypatch.setattr(train, "save_checkpoint", real)
+    run(tmp_path, "killed", "--iters", "8", "--eval-every", "2", "--resume")
+
+    def events(out):
+        with open(tmp_path / out / "metrics.jsonl") as f:
+            return [(e["step"], tuple(sorted(e))) for e in map(json.loads, f)]
+    want, got = events("straight"), events("killed")
+    assert got == want, f"events differ after the resume: {sorted(set(want) ^ set(got))}"
+    assert (4, ("step", "val_bpc")) in got
+
+
 def truncate(path, keep=0.5):
     raw = open(path, "rb").read()
     with open(path, "wb") as f:
