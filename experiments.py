@@ -46,6 +46,7 @@ import time
 from functools import partial
 
 import data
+import distributed
 import fp16
 import mlstm
 import train
@@ -448,6 +449,14 @@ def code_note(runs):
             f"sweep; sha1 prefixes per run in results.json `code`, none: not recorded)."]
 
 
+def md_row(cells):
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def acc_titles(tags):
+    return [f"{tag_title(t)} all / neuron" for t in tags]
+
+
 def tables(a, exps, recs, meta):
     what = "IMDB's unlabelled + training reviews (never its test reviews), " if "aclImdb" in a.data else ""
     shapes = "; ".join(sorted({x["heldout_shape"] for x in recs.values() if x["heldout_shape"]})) or "no run evaluated"
@@ -466,13 +475,13 @@ def tables(a, exps, recs, meta):
                f"Same budget for every size: {mchars(a.chars)} characters "
                f"({a.chars / meta['train_bytes']:.3f} epochs), batch {a.size_batch} x {a.seq_len}, "
                f"lr {rule_label(*a.size_lr)}, {a.train_dtype}.", "",
-               "| hidden | params | steps | train BPC (last log) | held-out BPC | "
-               + " | ".join(f"{tag_title(t)} all / neuron" for t in tags) + " | wall s | commands |",
+               md_row(["hidden", "params", "steps", "train BPC (last log)", "held-out BPC", *acc_titles(tags),
+                       "wall s", "commands"]),
                "|---:|---:|---:|---:|---:|" + "---:|" * len(tags) + "---:|---|"]
         for x in runs:
-            md.append(f"| {x['hidden']} | {(x['params'] or 0) / 1e6:.3f}M | {x['iters']} | {bpc_cell(x, 'train_bpc')} "
-                      f"| {bpc_cell(x)} | " + " | ".join(acc_cell(x, t) for t in tags)
-                      + f" | {x['train_wall_s'] or 0:.0f} | {cmd_cell(x)} |")
+            md.append(md_row([x["hidden"], f"{(x['params'] or 0) / 1e6:.3f}M", x["iters"], bpc_cell(x, "train_bpc"),
+                              bpc_cell(x), *(acc_cell(x, t) for t in tags), f"{x['train_wall_s'] or 0:.0f}",
+                              cmd_cell(x)]))
         md += [""] + baselines_md(a, tags) + code_note(runs) + [""]
     if "lr" in exps:
         runs = [recs[r.name] for r in exps["lr"]]
@@ -495,13 +504,13 @@ def tables(a, exps, recs, meta):
                     c += f" / {pct(x['transfer'][tags[0]]['test_acc'])}"
                 cells.append(c)
             md.append(f"| {rule_label(rule, lr)} | " + " | ".join(cells) + " |")
-        md += ["", "| batch | rule | peak lr | steps | train BPC (last log) | held-out BPC | "
-               + " | ".join(f"{tag_title(t)} all / neuron" for t in tags) + " | wall s | commands |",
+        md += ["", md_row(["batch", "rule", "peak lr", "steps", "train BPC (last log)", "held-out BPC",
+                           *acc_titles(tags), "wall s", "commands"]),
                "|---:|---|---:|---:|---:|---:|" + "---:|" * len(tags) + "---:|---|"]
         for x in sorted(runs, key=lambda x: (x["batch"], a.rules.index((x["rule"], x["base_lr"])))):
-            md.append(f"| {x['batch']} | {rule_label(x['rule'], x['base_lr'])} | {x['peak_lr']:.3g} | {x['iters']} | "
-                      f"{bpc_cell(x, 'train_bpc')} | {bpc_cell(x)} | " + " | ".join(acc_cell(x, t) for t in tags)
-                      + f" | {x['train_wall_s'] or 0:.0f} | {cmd_cell(x)} |")
+            md.append(md_row([x["batch"], rule_label(x["rule"], x["base_lr"]), f"{x['peak_lr']:.3g}", x["iters"],
+                              bpc_cell(x, "train_bpc"), bpc_cell(x), *(acc_cell(x, t) for t in tags),
+                              f"{x['train_wall_s'] or 0:.0f}", cmd_cell(x)]))
         md += [""] + baselines_md(a, tags) + code_note(runs) + ["", meta.get("plot_note", ""), ""]
     if "precision" in exps:
         runs = [recs[r.name] for r in exps["precision"]]
@@ -637,11 +646,14 @@ def parse_args(argv=None):
     a.out = rel(a.out)
     a.cache_dir = rel(a.cache_dir) if a.cache_dir else os.path.join(a.out, "prepared")  # a.out: already rel
     a.data, a.sst2_dir, a.imdb_dir = rel(a.data), rel(a.sst2_dir), rel(a.imdb_dir)
+    a.bpc = a.bpc and rel(a.bpc)
     return a
 
 
 def main(argv=None):
     a = parse_args(argv)
+    if not a.dry_run and (why := distributed.device_problem(a.device)):  # a dry run may plan for another machine
+        raise SystemExit(f"error: {why}")
     os.chdir(ROOT)  # paths (ours and the checkpoints' configs) are relative to the repo root
     if a.threads:
         import torch

@@ -58,6 +58,21 @@ def table_rows(md, heading):
             if line.startswith("| ") and not line.startswith("|---")]
 
 
+def assert_tables_aligned(md):
+    """Every row of every Markdown table has as many cells as the table's header (else it does not render)."""
+    blocks, block = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append(line)
+        elif block:
+            blocks.append(block)
+            block = []
+    for b in blocks:
+        widths = [len(line.strip().strip("|").split("|")) for line in b]
+        assert len(set(widths)) == 1, f"cells per row {widths} in the table:\n" + "\n".join(b)
+    return len(blocks)
+
+
 def row(rows, *first):
     """The one row whose leading cells are `first`."""
     got = [r for r in rows if r[:len(first)] == list(first)]
@@ -103,6 +118,7 @@ def test_tiny_sweep_is_collected_into_tables(sweep):
     assert detail[4:7] == [train_bpc, bpc, acc], f"lr detail row {detail[:7]}, want {train_bpc}, {bpc}, {acc}"
     baseline = f"test {100 * tr['baseline_test_acc']:.1f}%, from"  # the first transfer computed the baseline
     assert md.count(baseline) == 2, f"{baseline!r} not in both experiments' baseline lines:\n{md}"
+    assert assert_tables_aligned(md) == 3, md  # size, lr summary, lr detail
     saved = json.loads((root / "out" / "results.json").read_text())
     assert saved["runs"] == json.loads(json.dumps(res["runs"])), f"results.json runs: {saved['runs']}"
     try:
@@ -132,8 +148,8 @@ def test_bpc_alone_prepares_a_missing_corpus_on_stderr_and_prints_the_records_nu
     ckpt = torch.load(root / "out" / "runs" / name / "ckpt.pt", weights_only=True)
     ckpt["config"]["cache_dir"] = str(tmp_path / "cache")  # its corpus cache is gone
     torch.save(ckpt, tmp_path / "ckpt.pt")
-    monkeypatch.chdir(os.getcwd())
-    experiments.main(["--bpc", str(tmp_path / "ckpt.pt"), "--eval-rows", "2", "--eval-seq", "16", "--eval-windows",
+    monkeypatch.chdir(tmp_path)  # named relative to the working directory, not to the repo root main() runs in
+    experiments.main(["--bpc", "ckpt.pt", "--eval-rows", "2", "--eval-seq", "16", "--eval-windows",
                       "4", "--device", "cpu"])
     out, err = capsys.readouterr()
     heldout = json.loads((root / "out" / "runs" / name / "heldout.json").read_text())
@@ -212,6 +228,13 @@ def test_bad_flags_are_refused_when_parsed(flags, message, capsys):
     assert e.value.code == 2 and message in err, f"{flags}: exit {e.value.code}, stderr:\n{err}"
 
 
+def test_a_device_this_machine_lacks_is_refused_before_any_run(tmp_path):
+    with pytest.raises(SystemExit, match="--device bogus: expected cpu, cuda or cuda:N"):
+        experiments.main(["--out", str(tmp_path / "out"), "--device", "bogus"])
+    assert not (tmp_path / "out").exists()
+    experiments.parse_args(["--device", "bogus", "--dry-run"])  # planning only: the device is not used
+
+
 def test_rel_keeps_relative_only_paths_inside_the_root_or_given_relative(tmp_path, monkeypatch):
     root = tmp_path / "repo"
     (root / "out").mkdir(parents=True)
@@ -285,3 +308,14 @@ def test_heldout_bpc_is_recomputed_for_other_settings_and_reported_as_evaluated(
     assert (rec["heldout_bpc"], rec["heldout_chars"]) == (2.3456, 3 * 5 * 32), rec
     fp32 = row(table_rows(md, "## 3. Precision"), "fp32")
     assert fp32[3] == "2.346", f"precision row {fp32}: held-out BPC cell {fp32[3]!r}, want '2.346' (the faked 2.3456)"
+
+
+def test_tables_without_transfer_tasks_keep_their_columns(tmp_path):
+    a = experiments.parse_args(["--out", str(tmp_path / "out"), "--size-tasks", "", "--lr-tasks", "",
+                                "--hidden-sizes", "8,16", "--batches", "4,8", "--rules", "none:2e-3,sqrt:1e-3"])
+    a.train_bytes = 10**6
+    runs, exps = experiments.plan(a)
+    recs = {name: experiments.collect(r, a, dict(status="failed", command="python train.py"), None, {})
+            for name, r in runs.items()}
+    md = experiments.tables(a, exps, recs, dict(corpus="c", train_bytes=10**6, test_bytes=10**4, torch="t"))
+    assert assert_tables_aligned(md) == 4, md  # size, lr summary, lr detail, precision
