@@ -129,11 +129,14 @@ def start_run_files(cfg, start, log):
     kept = []
     if start == 0 and any(os.path.exists(os.path.join(out, f)) for f in ("ckpt.pt", "metrics.jsonl")):
         log(f"warning: {out} holds an earlier run; this fresh run replaces its log and keeps its checkpoints, if "
-            "any, as *.earlier (to continue a run, give --resume)")
+            "any, as *.earlier (*.earlier2, ... if taken; to continue a run, give --resume)")
     try:
         for name in ("ckpt.pt", "ckpt.prev.pt") if start == 0 else ():  # never resumed, nor fallen back to, later
             if os.path.exists(os.path.join(out, name)):
-                os.replace(os.path.join(out, name), os.path.join(out, name + ".earlier"))
+                dst, k = os.path.join(out, name + ".earlier"), 2
+                while os.path.exists(dst):  # a still earlier run's, kept too
+                    dst, k = os.path.join(out, f"{name}.earlier{k}"), k + 1
+                os.replace(os.path.join(out, name), dst)
         if os.path.exists(path):
             with open(path) as f:
                 for line in f:
@@ -208,11 +211,17 @@ def export(out, path, log=print):
                          f"{str(e)[:200]})")
     if not all(w.isfinite().all() for w in weights.values()):
         raise SystemExit(f"error: --export: {src} has weights beyond fp16's range")
+    with contextlib.suppress(Exception):  # not there, or not a checkpoint: it may be written over
+        if "optimizer" in torch.load(path, map_location="cpu", weights_only=True, mmap=True):
+            raise SystemExit(f"error: --export: {path} is a train.py checkpoint (it holds an optimizer state); "
+                             f"export to another path")
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         torch.save({"model": weights, "config": config, "step": step}, path + ".tmp")
         os.replace(path + ".tmp", path)
     except (OSError, RuntimeError) as e:  # torch.save reports an unwritable path as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
         raise SystemExit(f"error: --export: cannot write {path} ({type(e).__name__}: {e})")
     log(f"export: {src} (step {step}, hidden {config['hidden']}) -> {path}: fp16 weights, "
         f"{os.path.getsize(path) / 2**20:.1f} MiB")

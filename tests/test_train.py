@@ -154,6 +154,9 @@ def test_metrics_after_the_checkpoint_are_not_logged_twice_on_resume(tmp_path, c
     assert "warning: " + str(tmp_path / "a") + " holds an earlier run" in capsys.readouterr().out
     assert not (tmp_path / "a" / "ckpt.prev.pt").exists(), "the earlier run's checkpoint is the fallback"
     assert torch.load(tmp_path / "a" / "ckpt.pt.earlier", weights_only=True)["step"] == 8
+    run(tmp_path, "a", "--iters", "2")  # and another fresh run: both earlier runs' checkpoints are kept
+    steps = {n: torch.load(tmp_path / "a" / n, weights_only=True)["step"] for n in ("ckpt.pt.earlier", "ckpt.pt.earlier2")}
+    assert steps == {"ckpt.pt.earlier": 8, "ckpt.pt.earlier2": 1}, steps
 
 
 def test_resuming_a_finished_run_evaluates_nothing_twice(tmp_path, capsys):
@@ -308,6 +311,15 @@ def test_export_writes_fp16_weights_that_load_pretrained_reads(tmp_path, capsys)
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match=r"--export: cannot write .*file/x\.pt"):
         train.export(str(tmp_path / "a"), str(tmp_path / "file" / "x.pt"))
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(SystemExit, match=r"--export: cannot write .*dir"):
+        train.export(str(tmp_path / "a"), str(tmp_path / "dir"))
+    assert not (tmp_path / "dir.tmp").exists(), "the failed export left its temporary file"
+    for target in ("ckpt.pt", "ckpt.prev.pt"):  # a resumable checkpoint is never written over
+        before = (tmp_path / "a" / target).read_bytes()
+        with pytest.raises(SystemExit, match=f"--export: .*{target} is a train.py checkpoint"):
+            train.export(str(tmp_path / "a"), str(tmp_path / "a" / target))
+        assert (tmp_path / "a" / target).read_bytes() == before
     path = str(tmp_path / "new" / "released.pt")  # its folder is created
     train.export(str(tmp_path / "a"), path)
     assert "step 4, hidden 16" in capsys.readouterr().out
