@@ -4,7 +4,8 @@ Every run is a train.py subprocess (one at a time) on IMDB's unlabelled + traini
 reviews), evaluated on held-out text by this file's --bpc mode and transferred to sentiment with
 transfer.py. The tables (results.md), results.json and lr_rules.png (the loss curves) go to --out; every
 number in a table sits next to the commands that produced it. Finished runs are skipped: rerunning the same
-command resumes an interrupted sweep (a run cut off midway restarts from scratch).
+command resumes an interrupted sweep (a run cut off midway restarts from scratch; a finished run whose
+command changed is moved aside to runs/NAME.replaced-DATE and trained again).
 
     # the CPU-scale tables (tiny models: 28 min on one thread of a shared 2-core machine)
     OMP_NUM_THREADS=1 python experiments.py --scale cpu
@@ -273,14 +274,27 @@ def run_logged(argv, log_path, a):
         return p.returncode, wall, f.read()
 
 
+def same_argv(x, y):
+    """Equal command lines, paths compared by the file they name (../shared/d and /work/shared/d are one)."""
+    def norm(v):
+        return os.path.realpath(v) if os.path.exists(v) else v
+    return len(x) == len(y) and all(norm(str(p)) == norm(str(q)) for p, q in zip(x, y))
+
+
 def train_run(r, a):
-    """Train r unless its run.json says it finished (ok or diverged) with the same argv and thread count (the
-    wall time and chars/s depend on it). -> run.json's dict, with the command as run."""
+    """Train r unless its run.json says it finished (ok or diverged) with the same argv (paths compared by what
+    they name) and thread count (the wall time and chars/s depend on it); a finished run of another command is
+    moved aside, never deleted. -> run.json's dict, with the command as run."""
     done = os.path.join(r.dir, "run.json")
     got = load_json(done)
-    if got and got.get("command") == command(r.argv, a):  # argv and thread count: both in the command
+    if got and got.get("threads") == omp_threads(a) and same_argv(got.get("argv", []), r.argv):
         return got
-    shutil.rmtree(r.dir, ignore_errors=True)  # an interrupted or differently-configured run: start afresh
+    if got:  # finished under another command: kept, not deleted
+        aside = f"{r.dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(r.dir, aside)
+        print(f"train {r.name}: its finished run had another command ({got.get('command')}); moved to {aside}",
+              flush=True)
+    shutil.rmtree(r.dir, ignore_errors=True)  # an interrupted run: start afresh
     os.makedirs(r.dir)
     print(f"train {r.name}: {r.iters} steps ...", flush=True)
     code = code_version()

@@ -272,6 +272,22 @@ def test_a_run_trained_with_another_thread_count_is_trained_again(tmp_path, monk
     got = experiments.train_run(r, a)
     assert trained == [1, 2], f"threads 1 then 2: trained with {trained}"
     assert got["threads"] == "2" and got["command"].startswith("OMP_NUM_THREADS=2 python train.py"), f"{got}"
+    aside = [n for n in os.listdir(tmp_path / "out" / "runs") if n.startswith(r.name + ".replaced-")]
+    assert len(aside) == 1 and "OMP_NUM_THREADS=1" in (tmp_path / "out" / "runs" / aside[0] / "run.json").read_text(), \
+        f"the threads-1 run was not kept aside: {os.listdir(tmp_path / 'out' / 'runs')}"
+
+
+def test_the_same_data_named_another_way_is_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "run_logged", lambda argv, log_path, a: (0, 1.0, ""))
+    (tmp_path / "d.txt").write_text("x")
+    runs = []
+    for data in (str(tmp_path / "d.txt"), os.path.relpath(tmp_path / "d.txt", experiments.ROOT)):
+        monkeypatch.chdir(experiments.ROOT)  # where main() runs them, and the relative path starts
+        a = experiments.parse_args(["--out", str(tmp_path / "out"), "--data", data, "--threads", "1"])
+        r = experiments.Run(a, 8, 4, 640, "none", 2e-3, "fp32")
+        runs.append(experiments.train_run(r, a)["command"])
+    assert runs[0] == runs[1], f"retrained for another spelling of --data: {runs}"
+    assert os.listdir(tmp_path / "out" / "runs") == [r.name], os.listdir(tmp_path / "out" / "runs")
 
 
 def test_heldout_bpc_is_recomputed_for_other_settings_and_reported_as_evaluated(tmp_path, monkeypatch):
