@@ -31,6 +31,11 @@ import traceback
 import numpy as np
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so no guard against two runs sharing one --out
+    fcntl = None
+
 import data
 import distributed
 import fp16
@@ -120,6 +125,21 @@ def save_checkpoint(path, ckpt):
             os.remove(tmp)
         raise SystemExit(f"error: cannot write the checkpoint {path} ({type(e).__name__}: {e}); the previous "
                          f"checkpoint, if any, is left as it was (resume with --resume once there is room)")
+
+
+def lock_out(out, log):
+    """Hold OUT/.lock for this process's life (the kernel frees it when the process dies, however): two runs
+    writing one folder would interleave their logs and rotate each other's checkpoints away."""
+    f = open(os.path.join(out, ".lock"), "a")
+    try:
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"error: another run is using --out {out} (it holds {out}/.lock); wait for it to end or "
+                         f"give another --out")
+    except OSError as e:  # e.g. a network file system mounted without locks
+        log(f"warning: no file lock on {out}/.lock ({e.strerror}); nothing stops a second run using {out}")
+    return f
 
 
 def start_run_files(cfg, start, log):
@@ -242,6 +262,7 @@ def main(cfg):
             raise SystemExit(f"error: cannot write to --out {cfg['out']}: {e}")
         if not os.access(cfg["out"], os.W_OK):
             raise SystemExit(f"error: cannot write to --out {cfg['out']}: permission denied")
+        lock = lock_out(cfg["out"], print)  # noqa: F841 (held, not used: released when this process ends)
     log("config: " + json.dumps(cfg))
 
     # Data: rank 0 prepares a raw source once (cached); the others wait, then memory-map the same files.

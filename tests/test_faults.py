@@ -170,6 +170,21 @@ def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, capsys):
     assert same_weights(tmp_path / "straight" / "ckpt.pt", tmp_path / "killed" / "ckpt.pt")
 
 
+def test_a_second_run_into_a_folder_in_use_is_refused_and_changes_nothing(tmp_path):
+    out = tmp_path / "busy"
+    p = spawn([PY, wrapper(tmp_path), *flags(tmp_path, "busy", "--iters", "400")], tmp_path / "busy.log")
+    try:
+        wait_for(lambda: os.path.exists(out / "ckpt.pt"), [p])
+        config = (out / "config.json").read_text()
+        with pytest.raises(SystemExit, match=f"another run is using --out {out}"):
+            run(tmp_path, "busy", "--iters", "8", "--lr", "1e-3")  # a fresh run would set ckpt.pt aside
+        assert p.poll() is None, "the first run ended: the refusal was not tested against a live run"
+    finally:
+        kill([p])
+    assert (out / "config.json").read_text() == config and not list(out.glob("*.earlier*")), os.listdir(out)
+    run(tmp_path, "busy", "--iters", "400", "--resume", "--stop-at", "6")  # once it has ended, the folder is free
+
+
 class Killed(BaseException):
     """A kill at a chosen point, raised inside the process: nothing after it runs, no handler catches it."""
 
