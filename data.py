@@ -135,16 +135,24 @@ def imdb_documents(path, parts=IMDB_PARTS):
                         yield part, f.read()
         return
     try:
-        with tarfile.open(path, "r|*") as tf:  # stream mode: members are read in order, never all at once
-            for m in tf:
-                if not (m.isfile() and m.name.endswith(".txt")):
-                    continue
-                part = os.path.dirname(m.name)
-                part = part[part.index("/") + 1 :] if "/" in part else part
-                if part in parts:
-                    yield part, tf.extractfile(m).read().decode("utf-8", errors="replace")
+        with open(path, "rb") as raw:
+            found = next((fmt for magic, fmt in MAGIC.items() if raw.peek(10).startswith(magic)), None)
+            opener = next((op for fmt, op in DECOMPRESS.values() if fmt == found), None)
+            f = opener(raw, "rb") if opener else raw
+            with tarfile.open(fileobj=f, mode="r|") as tf:  # stream mode: members in order, never all at once
+                for m in tf:
+                    if not (m.isfile() and m.name.endswith(".txt")):
+                        continue
+                    part = os.path.dirname(m.name)
+                    part = part[part.index("/") + 1 :] if "/" in part else part
+                    if part in parts:
+                        yield part, tf.extractfile(m).read().decode("utf-8", errors="replace")
+            # tarfile ends quietly where a cut falls on a member's header: reading the compressed stream to its
+            # end-of-stream marker is what tells a complete archive from a truncated one (EOFError)
+            while f.read(1 << 20):
+                pass
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"{path}: cannot read as a tar archive ({e})")
+        raise DataError(f"{path}: cannot read as a tar archive ({e or type(e).__name__})")
 
 
 def documents(path, text_field="reviewText", stats=None):

@@ -42,6 +42,32 @@ def read_split(out, split):
     return [raw[a:b] for a, b in zip(idx, list(idx[1:]) + [len(raw)])]
 
 
+@pytest.mark.parametrize("mode", ["w:gz", "w:xz", "w:bz2"])
+def test_a_truncated_imdb_tarball_is_an_error_wherever_it_is_cut(tmp_path, mode):
+    write_imdb(str(tmp_path / "src"), n=8)
+    tar = tmp_path / "aclImdb.tar"
+    with tarfile.open(tar, mode) as tf:
+        tf.add(str(tmp_path / "src" / "aclImdb"), arcname="aclImdb")
+    whole = tar.read_bytes()
+    assert sum(1 for _ in data.imdb_documents(str(tar))) == 24
+    quiet, missed = 0, []
+    for cut in range(20, len(whole) - 1, 7):
+        tar.write_bytes(whole[:cut])
+        try:  # the reference: tarfile alone, which stops without a word where a cut lands in a member's header
+            with tarfile.open(tar, "r|*") as tf:
+                list(tf)
+            quiet += 1
+        except (tarfile.TarError, EOFError):
+            pass
+        try:
+            sum(1 for _ in data.imdb_documents(str(tar)))
+            missed.append(cut)
+        except data.DataError as e:
+            assert "cannot read as a tar archive" in str(e), e
+    assert quiet, "no cut that tarfile alone accepts: the test shows nothing"
+    assert not missed, f"{len(missed)} of {len(whole) // 7} cuts read as a complete archive, e.g. at bytes {missed[:5]}"
+
+
 def test_normalize_matches_the_reference_preprocessing():
     assert data.normalize("a &amp; b\nc  ") == b"\n a & b c "
     assert data.normalize("caf\u00e9") == "\n caf\u00e9 ".encode()
