@@ -69,7 +69,7 @@ def _open_text(path):
     raw = open(path, "rb")
     head = raw.peek(10)[:10]  # peek, not read, and the decompressor wraps this handle: a pipe is read once
     found = next((fmt for magic, fmt in MAGIC.items() if head.startswith(magic)), None)
-    named, opener = DECOMPRESS.get(os.path.splitext(path)[1], (None, None))
+    named, opener = DECOMPRESS.get(os.path.splitext(path)[1].lower(), (None, None))
     if found and found != named:
         raw.close()
         ext = next((ext for ext, (fmt, _) in DECOMPRESS.items() if fmt == found), None)
@@ -103,9 +103,9 @@ def _lines(f, skip, limit=None):
 
 
 def _kind(path):
-    base, ext = os.path.splitext(path)
-    name = base if ext in DECOMPRESS else path
-    if os.path.isdir(path) or ".tar" in os.path.basename(path) or path.endswith(".tgz"):
+    base, ext = os.path.splitext(path.lower())  # R.CSV is a CSV
+    name = base if ext in DECOMPRESS else path.lower()
+    if os.path.isdir(path) or name.endswith(".tar") or ext == ".tgz":
         return "imdb"
     for ext, kind in ((".jsonl", "json"), (".json", "json"), (".csv", "csv"), (".tsv", "tsv")):
         if name.endswith(ext):
@@ -196,17 +196,23 @@ def documents(path, text_field="reviewText", stats=None):
                 csv.field_size_limit(MAX_LINE)
                 lineno = [1]  # of the last line read: a skipped row's line (its last, for a multi-line row)
                 lines = (line for lineno[0], line in _lines(f, skip))
-                reader = csv.DictReader(lines, delimiter="," if kind == "csv" else "\t")
+                # strict: a stray quote is an error, not a quoted field that swallows the rest of the file
+                reader = csv.DictReader(lines, delimiter="," if kind == "csv" else "\t", strict=True)
                 fields = reader.fieldnames or []
                 column = text_field if text_field in fields else next(
                     (c for c in ("text", "sentence", "review") if c in fields), None)
                 if column is None:
                     raise DataError(f"{path}: no text column {text_field!r} (columns: {fields})")
-                for row in reader:
-                    if row.get(column):
-                        yield row[column]
-                    else:
-                        skip(lineno[0], f"empty or missing {column!r}")
+                done = lineno[0]
+                try:
+                    for row in reader:
+                        if row.get(column):
+                            yield row[column]
+                        else:
+                            skip(lineno[0], f"empty or missing {column!r}")
+                        done = lineno[0]
+                except csv.Error as e:
+                    raise DataError(f"{path}:{done + 1}: malformed row ({e}); a stray quote?") from None
             else:
                 for _, line in _lines(f, skip):
                     if line.strip():

@@ -70,20 +70,21 @@ def _json_row(path, n, line):
 
 def read_labeled(path, text_column="text", label_column="label"):
     """(texts, labels int64 array) from a .csv / .tsv / .json(l) file (optionally .gz/.bz2/.xz) with named columns."""
-    base, ext = os.path.splitext(path)
-    ext = os.path.splitext(base if ext in data.DECOMPRESS else path)[1].lower()
+    base, ext = os.path.splitext(path.lower())
+    ext = os.path.splitext(base if ext in data.DECOMPRESS else path.lower())[1]
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     if ext not in (".csv", ".tsv", ".jsonl", ".json"):
         raise DataError(f"{path}: unknown format {ext!r} (expected .csv, .tsv, .jsonl or .json, optionally "
                         ".gz/.bz2/.xz)")
-    texts, labels = [], []
+    texts, labels, n = [], [], 1  # n: the line of the last row read
     try:
         with data._open_text(path) as f:  # decompressed as named; without Excel's byte-order mark
             if ext in (".csv", ".tsv"):
                 csv.field_size_limit(data.MAX_LINE)  # the default 131,072 characters is shorter than some reviews
-                reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
-                rows = ((n, r) for n, r in enumerate(reader, 2))
+                # strict: a stray quote is an error, not a quoted field that swallows the rest of the file
+                reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",", strict=True)
+                rows = ((reader.line_num, r) for r in reader)  # the row's last line: quoted fields may span several
                 for col in (text_column, label_column):
                     if col not in (reader.fieldnames or []):
                         raise DataError(f"{path}: no column {col!r} (columns: {reader.fieldnames})")
@@ -97,7 +98,9 @@ def read_labeled(path, text_column="text", label_column="label"):
                     raise DataError(f"{path}:{n}: no {text_column!r} text or no {label_column!r} label")
                 texts.append(row[text_column])
                 labels.append(_label(row[label_column], f"{path}:{n}"))
-    except (OSError, EOFError, csv.Error, ValueError, RecursionError, zlib.error, lzma.LZMAError) as e:  # a bad archive
+    except csv.Error as e:
+        raise DataError(f"{path}:{n + 1}: malformed row ({e}); a stray quote?") from None
+    except (OSError, EOFError, ValueError, RecursionError, zlib.error, lzma.LZMAError) as e:  # a bad archive
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})")
     if not texts:
         raise DataError(f"{path}: no labelled rows (empty split)")

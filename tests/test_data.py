@@ -68,6 +68,19 @@ def test_a_truncated_imdb_tarball_is_an_error_wherever_it_is_cut(tmp_path, mode)
     assert not missed, f"{len(missed)} of {len(whole) // 7} cuts read as a complete archive, e.g. at bytes {missed[:5]}"
 
 
+def test_the_format_follows_the_extension_in_any_case_and_tar_only_as_an_extension(tmp_path):
+    want = [b"\n one ", b"\n two "]
+    (tmp_path / "R.CSV").write_text("id,text\n1,one\n2,two\n")
+    (tmp_path / "R.JSONL").write_text('{"reviewText": "one"}\n{"reviewText": "two"}\n')
+    (tmp_path / "movies.tarantino.jsonl").write_text('{"reviewText": "one"}\n{"reviewText": "two"}\n')
+    with gzip.open(tmp_path / "R.TSV.GZ", "wt") as f:
+        f.write("id\ttext\n1\tone\n2\ttwo\n")
+    for name in ("R.CSV", "R.JSONL", "movies.tarantino.jsonl", "R.TSV.GZ"):
+        data.prepare([str(tmp_path / name)], str(tmp_path / name.replace(".", "_")), val_frac=0, test_frac=0, log=quiet)
+        got = read_split(str(tmp_path / name.replace(".", "_")), "train")
+        assert got == want, f"{name}: {got}"
+
+
 def test_normalize_matches_the_reference_preprocessing():
     assert data.normalize("a &amp; b\nc  ") == b"\n a & b c "
     assert data.normalize("caf\u00e9") == "\n caf\u00e9 ".encode()
@@ -389,7 +402,7 @@ def test_csv_long_fields_and_excel_byte_order_mark(tmp_path, monkeypatch, reques
     assert read_split(str(tmp_path / "o3"), "train") == [b"\n short ", b"\n after "] and meta["skipped"] == 1
     assert "over.csv:3: line longer than 100 characters" in logs[0], logs
     (tmp_path / "lines.csv").write_text('text\n"' + "z\n" * 60 + '"\n')  # one field of 120 characters
-    with pytest.raises(data.DataError, match="lines.csv: cannot read .*field larger than field limit"):
+    with pytest.raises(data.DataError, match="lines.csv:2: malformed row .*field larger than field limit"):
         data.prepare([str(tmp_path / "lines.csv")], str(tmp_path / "o4"), log=quiet)
 
 

@@ -546,7 +546,7 @@ def prepare(path, **kw):
     ("garbage.csv", random.Random(3).randbytes(3000), "garbage.csv: "),
     ("wrong_field.jsonl", b'{"text": "a review"}\n' * 3, "skipped 3 lines, e.g. "),
     # a quoted field over many lines, longer in all than data.MAX_LINE (a field of 200,000 on one line is read)
-    ("huge_field.csv", b'text\n"' + b"x\n" * (2**21 + 1) + b'"\n', "huge_field.csv: cannot read (Error: field larger"),
+    ("huge_field.csv", b'text\n"' + b"x\n" * (2**21 + 1) + b'"\n', "huge_field.csv:2: malformed row (field larger"),
 ])
 def test_hostile_corpus_files_get_a_clear_error_naming_them(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
@@ -593,6 +593,22 @@ def test_csv_rows_with_missing_or_extra_columns(tmp_path):
     meta, train_bin, logs = prepare(tmp_path / "x.csv")
     assert train_bin == b"\n first \n third \n fifth "
     assert meta["skipped"] == 2 and "x.csv:3: empty or missing 'text'" in logs[0], logs
+
+
+STRAY = 'label,text\n1,good film\n0,"bad film, he said\n1,"multi\nline"\n' + "".join(f"1,review {i}\n" for i in range(50))
+
+
+@pytest.mark.parametrize("name, content, line", [
+    ("stray.csv", STRAY, 3),  # csv alone reads 2 rows: the quote opened on line 3 swallows the other 51
+    ("stray.tsv", STRAY.replace(",", "\t"), 3),
+    ("junk.csv", 'label,text\n1,"multi\nline"\n0,"quoted" then more\n', 4),
+])
+def test_a_stray_quote_in_a_csv_is_an_error_naming_the_row_not_a_merged_row(tmp_path, name, content, line):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=f"{name}:{line}: malformed row .*a stray quote"):
+        transfer.read_labeled(str(tmp_path / name))
+    with pytest.raises(DataError, match=f"{name}:{line}: malformed row .*a stray quote"):
+        list(data.documents(str(tmp_path / name)))
 
 
 def test_an_overlong_line_is_skipped_and_counted(tmp_path, monkeypatch):

@@ -113,7 +113,7 @@ def test_padding_and_chunking_do_not_change_features(feature):
 
 
 def write(path, text):
-    opener = gzip.open if str(path).endswith(".gz") else open
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
     with opener(path, "wt", encoding="utf-8") as f:
         f.write(text)
     return str(path)
@@ -123,7 +123,8 @@ def test_read_labeled_formats(tmp_path):
     want = (["good film", "bad, awful"], [1, 0])
     files = [write(tmp_path / "a.csv", 'label,text\n1,good film\n0,"bad, awful"\n'),
              write(tmp_path / "a.tsv", "text\tlabel\ngood film\tpos\nbad, awful\tneg\n"),
-             write(tmp_path / "a.jsonl.gz", '{"text": "good film", "label": 1}\n\n{"text": "bad, awful", "label": "0"}\n')]
+             write(tmp_path / "a.jsonl.gz", '{"text": "good film", "label": 1}\n\n{"text": "bad, awful", "label": "0"}\n'),
+             write(tmp_path / "UP.CSV.GZ", 'label,text\n1,good film\n0,"bad, awful"\n')]
     for name, compress in (("b.csv.xz", lzma.compress), ("b.tsv.bz2", bz2.compress)):
         (tmp_path / name).write_bytes(compress(open(files[name.endswith("bz2")], "rb").read()))
         files.append(str(tmp_path / name))
