@@ -315,6 +315,9 @@ def _write(sources, out_dir, text_field, val_frac, test_frac, seed, log):
     if pos["train"] == 0:
         shutil.rmtree(tmp)
         why = f"; skipped {stats['skipped']} lines, e.g. " + "; ".join(stats["examples"][:2]) if stats["skipped"] else ""
+        if sum(docs.values()):  # found, but the split drew none of them for train
+            raise DataError(f"{', '.join(sources)}: none of its {sum(docs.values())} documents went to train "
+                            f"(val {docs['val']}, test {docs['test']}); lower the val/test fractions")
         raise DataError(f"{', '.join(sources)}: no documents found (empty corpus){why}")
     if stats["skipped"]:
         log(f"prepare: skipped {stats['skipped']} lines, e.g. " + "; ".join(stats["examples"]))

@@ -231,8 +231,8 @@ def main(argv=None):
     p.add_argument("--scale", type=float, default=2.0**16, help="a loss scale to compare with 1")
     p.add_argument("--png", default="grad_histogram.png", help="written when matplotlib is installed")
     a = p.parse_args(argv)
-    if min(a.batch_size, a.seq_len, a.steps) <= 0 or a.scale <= 0:
-        p.error("--batch-size, --seq-len, --steps and --scale must be positive")
+    if min(a.batch_size, a.seq_len, a.steps) <= 0 or not 0 < a.scale < math.inf:
+        p.error("--batch-size, --seq-len, --steps and --scale must be positive (--scale finite)")
     model = load_model(a.grad_histogram)
     try:
         loader = data.ByteLoader(os.path.join(data.resolve(a.data, a.cache_dir), "train.bin"), a.batch_size, a.seq_len)

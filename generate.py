@@ -56,7 +56,8 @@ def pick(logits, temperature, top_k, gen):
     logits / temperature restricted to the top_k most likely bytes (0: all)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # <= 0: a tiny temperature gives -inf, not inf
     if top_k:
         logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
@@ -107,7 +108,8 @@ def parse_args(argv=None):
     for flag, v, ok, rule in (("length", a.length, a.length >= 0, ">= 0"),
                               ("num-samples", a.num_samples, a.num_samples >= 1, ">= 1"),
                               ("temperature", a.temperature, a.temperature >= 0, ">= 0 (0: greedy)"),  # NaN fails
-                              ("top-k", a.top_k, 0 <= a.top_k <= 256, "in 0..256 (0: all bytes)")):
+                              ("top-k", a.top_k, 0 <= a.top_k <= 256, "in 0..256 (0: all bytes)"),
+                              ("seed", a.seed, 0 <= a.seed < 2**63, "in [0, 2^63)")):
         if not ok:
             p.error(f"--{flag} must be {rule}, not {v}")
     if why := distributed.device_problem(a.device, DEVICES):

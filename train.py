@@ -463,25 +463,33 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.hidden = PRESETS.get(a.hidden) or (int(a.hidden) if a.hidden.isdigit() else p.error(
         f"--hidden must be an integer or one of {list(PRESETS)}"))
+    big = 2**62  # steps, counts and seeds become int64 on the device
     for name in ("hidden", "embed", "batch_size", "seq_len", "log_every", "eval_every", "eval_iters", "save_every"):
-        if getattr(a, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    if a.iters < 0 or a.epochs < 0 or a.stop_at < 0:
-        p.error("--iters, --epochs and --stop-at must be >= 0 (0: off)")
+        if not 0 < getattr(a, name) < big:
+            p.error(f"--{name.replace('_', '-')} must be positive (and below 2^62)")
+    for name in ("iters", "stop_at", "warmup", "seed", "sample_chars", "recompute"):
+        if not 0 <= getattr(a, name) < big:
+            p.error(f"--{name.replace('_', '-')} must be >= 0 (and below 2^62)")
+    if not 0 <= a.epochs < math.inf:
+        p.error("--epochs must be >= 0 and finite (0: off)")
+    if not (0 <= a.val_frac < 1 and 0 <= a.test_frac < 1 and a.val_frac + a.test_frac < 1):
+        p.error("--val-frac and --test-frac must be >= 0, with a sum below 1")
     if a.iters == 0 and a.epochs == 0:
         p.error("give --iters or --epochs")
     if a.save_every % a.log_every:
         p.error("--save-every must be a multiple of --log-every (checkpoints follow a finite-loss check)")
-    if not (0 < a.lr < math.inf and 0 <= a.clip < math.inf and a.warmup >= 0 and 1 <= a.loss_scale < 2**64):
-        p.error("--lr must be > 0, --clip and --warmup >= 0, --loss-scale in [1, 2^64), all finite")
-    if a.scale_growth < 1:
+    if not (0 < a.lr < math.inf and 0 <= a.clip < math.inf and 1 <= a.loss_scale < 2**64):
+        p.error("--lr must be > 0, --clip >= 0, --loss-scale in [1, 2^64), all finite")
+    if not 1 <= a.scale_growth < big:
         p.error("--scale-growth must be >= 1 (steps)")
+    if not 0 <= a.bucket_mb < math.inf:
+        p.error("--bucket-mb must be >= 0 and finite")
     if a.device != "auto" and (why := distributed.device_problem(a.device, ("auto", "cpu", "cuda"))):
         p.error(why)
-    if not a.timeout > 0:
-        p.error("--timeout must be > 0 seconds")
-    if a.recompute < 0 or (a.recompute and a.cuda_graph):
-        p.error("--recompute must be >= 0 (0: off), and does not combine with --cuda-graph")
+    if not 0 < a.timeout < 1e9:
+        p.error("--timeout must be > 0 seconds and finite")
+    if a.recompute and a.cuda_graph:
+        p.error("--recompute does not combine with --cuda-graph")
     return vars(a)
 
 

@@ -573,6 +573,8 @@ def parse_args(argv=None):
     for name in ("limit", "batch_size", "chunk", "heatmap_bytes"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= a.seed < 2**63:
+        p.error("--seed must be in [0, 2^63)")
     if a.bow_vocab < 0:
         p.error("--bow-vocab must be >= 0 (0: no baseline)")
     if a.heatmap < 0:

@@ -188,6 +188,8 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(data.DataError, match="empty.txt: no documents found"):
         data.prepare([str(tmp_path / "empty.txt")], str(tmp_path / "o"), log=lambda *a: None)
+    with pytest.raises(data.DataError, match=r"fine.txt: none of its 1 documents went to train \(val 1, test 0\)"):
+        data.prepare([str(tmp_path / "fine.txt")], str(tmp_path / "o"), val_frac=0.999999, test_frac=0, log=quiet)
     (tmp_path / "trunc.txt.gz").write_bytes(gzip.compress(b"hello\n" * 1000)[:50])
     with pytest.raises(data.DataError, match="trunc.txt.gz: cannot read"):
         data.prepare([str(tmp_path / "trunc.txt.gz")], str(tmp_path / "o"), log=lambda *a: None)

@@ -358,3 +358,8 @@ def test_grad_histogram_command(tmp_path, capsys):
                       (str(tmp_path / "bad.json"), "not a train.py config.json")):
         with pytest.raises(SystemExit, match=msg):
             fp16.main(["--grad-histogram", what, *data_flags])
+    for scale in ("nan", "inf", "0"):
+        with pytest.raises(SystemExit):
+            fp16.main(["--grad-histogram", "demo", *data_flags, "--scale", scale])
+        err = capsys.readouterr().err
+        assert "and --scale must be positive (--scale finite)" in err, f"--scale {scale}: {err}"

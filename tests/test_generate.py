@@ -75,6 +75,7 @@ def test_greedy_and_its_limits(tmp_path):
     greedy = generate.sample(model, prime, 30, temperature=0)
     assert greedy == [naive_greedy(model, prime, 30)]
     assert generate.sample(model, prime, 30, temperature=1e-6, seed=5) == greedy
+    assert generate.sample(model, prime, 30, temperature=1e-40, seed=5) == greedy  # logits / T beyond float32
     assert generate.sample(model, prime, 30, temperature=1.5, top_k=1, seed=5) == greedy
     assert generate.sample(model, prime, 30, temperature=0, num_samples=3) == greedy * 3
 
@@ -171,6 +172,7 @@ def test_bytes_prime_from_the_command_line(tmp_path):
     (["--temperature", "nan"], "--temperature must be >= 0 (0: greedy), not nan"),
     (["--top-k", "257"], "--top-k must be in 0..256"),
     (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--seed", str(10**23)], "--seed must be in [0, 2^63)"),
     (["--prime", "\ud800"], "not encodable text"),
     (["--prime", "", "--raw"], "--prime is empty"),
     (["--value", "1"], "need a neuron"),

@@ -63,10 +63,21 @@ def test_bad_flags_are_refused_with_a_message(capsys):
                       (["--lr", "nan"], "--lr must be > 0"), (["--scale-growth", "0"], "--scale-growth must be >= 1"),
                       (["--device", "gpu"], "--device gpu: expected auto, cpu, cuda"),
                       (["--device", "mps"], "--device mps: expected auto, cpu, cuda"),
-                      (["--device", f"cuda:{torch.cuda.device_count()}"], "no such CUDA device here")):
+                      (["--device", f"cuda:{torch.cuda.device_count()}"], "no such CUDA device here"),
+                      (["--epochs", "nan"], "--epochs must be >= 0 and finite"),
+                      (["--epochs", "inf"], "--epochs must be >= 0 and finite"),
+                      (["--iters", str(10**23)], "--iters must be >= 0 (and below 2^62)"),
+                      (["--warmup", "-1"], "--warmup must be >= 0"), (["--seed", "-1"], "--seed must be >= 0"),
+                      (["--sample-chars", "-5"], "--sample-chars must be >= 0"),
+                      (["--bucket-mb", "nan"], "--bucket-mb must be >= 0 and finite"),
+                      (["--bucket-mb", "-3"], "--bucket-mb must be >= 0 and finite"),
+                      (["--timeout", "inf"], "--timeout must be > 0 seconds and finite"),
+                      (["--val-frac", "1.5"], "--val-frac and --test-frac must be >= 0"),
+                      (["--val-frac", "0.6", "--test-frac", "0.5"], "with a sum below 1")):
         with pytest.raises(SystemExit):
             train.parse_args(argv)
-        assert msg in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert msg in err, f"{argv}: {err}"
 
 
 def test_tiny_run_learns(tmp_path):

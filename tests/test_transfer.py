@@ -405,6 +405,7 @@ def test_outputs_are_written_whole_and_results_last(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags,message", [
     (["--heatmap", "-1"], "--heatmap must be >= 0"),
     (["--heatmap-bytes", "0"], "--heatmap-bytes must be >= 1"),
+    (["--seed", "-3"], "--seed must be in [0, 2^63)"),
     (["--device", "bogus"], "--device bogus: expected cpu, cuda or cuda:N"),
     (["--out", "{tmp}/ckpt.pt/out"], "--out {tmp}/ckpt.pt/out: {tmp}/ckpt.pt is not a writable folder"),
     (["--json", "{tmp}/none/r.json"], "--json {tmp}/none/r.json: not a file name in an existing, writable folder"),
