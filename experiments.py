@@ -46,6 +46,8 @@ import sys
 import time
 from functools import partial
 
+import torch
+
 import data
 import distributed
 import fp16
@@ -188,7 +190,11 @@ def heldout_bpc(checkpoint, rows=16, seq=256, windows=32, split="test", device="
     `split`, state carried (train.evaluate). Fewer rows when the split is small; the corpus is prepared first
     if its cache is gone (log: its progress). -> dict(bpc, chars, ...)."""
     model, cfg = mlstm.load_pretrained(checkpoint, device)
-    corpus = data.resolve(cfg["data"], cfg["cache_dir"], cfg["text_field"], cfg["val_frac"], cfg["test_frac"], log=log)
+    try:
+        corpus = data.resolve(cfg["data"], cfg["cache_dir"], cfg["text_field"], cfg["val_frac"], cfg["test_frac"],
+                              log=log)
+    except KeyError as e:
+        raise SystemExit(f"error: {checkpoint}: its config has no {e}: not from train.py") from None
     path = os.path.join(corpus, split + ".bin")
     rows = min(rows, os.path.getsize(path) // (seq + 1))
     if rows < 1:
@@ -670,7 +676,6 @@ def main(argv=None):
         raise SystemExit(f"error: {why}")
     os.chdir(ROOT)  # paths (ours and the checkpoints' configs) are relative to the repo root
     if a.threads:
-        import torch
         torch.set_num_threads(a.threads)
     if a.bpc:
         progress = partial(print, file=sys.stderr, flush=True)  # stdout: the JSON line alone
@@ -684,8 +689,6 @@ def main(argv=None):
                 print(command(r.argv, a))
         return None
     t_start = time.time()
-    import data
-    import torch
     corpus = data.resolve(a.data, a.cache_dir)  # train.py's defaults: the folder each run finds in the cache
     corpus_meta = load_json(os.path.join(corpus, "meta.json"))
     a.train_bytes = corpus_meta["bytes"]["train"]
@@ -727,4 +730,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+    except OSError as e:  # an --out or --cache-dir that cannot be written; a file gone meanwhile
+        raise SystemExit(f"error: {type(e).__name__}: {e}")

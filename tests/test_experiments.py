@@ -5,6 +5,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -233,6 +234,18 @@ def test_a_device_this_machine_lacks_is_refused_before_any_run(tmp_path):
         experiments.main(["--out", str(tmp_path / "out"), "--device", "bogus"])
     assert not (tmp_path / "out").exists()
     experiments.parse_args(["--device", "bogus", "--dry-run"])  # planning only: the device is not used
+
+
+def test_a_missing_corpus_or_an_unwritable_out_is_one_line_not_a_traceback(tmp_path):
+    (tmp_path / "file").write_text("")
+    corpus, _ = write_fixtures(tmp_path)
+    for flags, message in ((["--data", str(tmp_path / "nope.txt")], "nope.txt: no such file or folder"),
+                           (["--data", str(corpus), "--out", str(tmp_path / "file")], "Not a directory")):
+        p = subprocess.run([sys.executable, "experiments.py", "--only", "precision", "--dtypes", "fp32",
+                            "--out", str(tmp_path / "out"), *flags], cwd=experiments.ROOT, capture_output=True,
+                           text=True)
+        assert p.returncode == 1 and p.stderr.startswith("error: ") and message in p.stderr \
+            and "Traceback" not in p.stderr, f"{flags}: exit {p.returncode}, stderr:\n{p.stderr}"
 
 
 def test_rel_keeps_relative_only_paths_inside_the_root_or_given_relative(tmp_path, monkeypatch):
