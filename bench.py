@@ -222,7 +222,9 @@ def measure(kind, hidden, batch, seq_len, dtype="fp32", device="cpu", steps=10, 
             if k >= warmup:
                 times.append(time.perf_counter() - t0)
         skipped = int(mp.skipped) - skipped0
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not distributed.out_of_memory(e):
+            raise
         row["error"] = "out of memory"
         return row  # the failed step's tensors go with this frame; the next row's empty_cache frees them
     s = statistics.median(times)

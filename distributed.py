@@ -63,6 +63,11 @@ def device_problem(device, names=("cpu", "cuda")):
     return None
 
 
+def out_of_memory(e):
+    """Whether exception e is a failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(e)
+
+
 def broadcast_params(model):
     """Make every replica start from rank 0's weights."""
     if dist.is_initialized():

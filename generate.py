@@ -199,4 +199,14 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RuntimeError as e:
+        if not distributed.out_of_memory(e):
+            raise
+        sys.exit(f"error: out of memory ({str(e).strip()[:300]}); lower --length or --num-samples")
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail
+        sys.exit(1)

@@ -340,4 +340,7 @@ def load_pretrained(path, device="cpu"):
         if why.endswith(":") and len(lines) > 1:
             why += f" {lines[1]}" + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
         raise SystemExit(f"error: {path}: not a usable mLSTM checkpoint ({type(e).__name__}: {why})")
+    bad = [k for k, v in model.state_dict().items() if not v.isfinite().all()]
+    if bad:  # a run saved after it diverged: every output would be NaN
+        raise SystemExit(f"error: {path}: weights {bad} hold inf or NaN")
     return model.to(device), ckpt["config"]

@@ -503,8 +503,8 @@ if __name__ == "__main__":
     except RuntimeError as e:  # out of memory; under torchrun also a peer that died or hangs (gloo, NCCL)
         multi = distributed.dist.is_initialized()
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        if isinstance(e, torch.OutOfMemoryError):
-            why = f"out of memory ({first}); lower --batch-size, or add --recompute 32"
+        if distributed.out_of_memory(e):
+            why = f"out of memory ({first}); lower --batch-size (or --hidden), or add --recompute 32"
         elif multi and (isinstance(e, distributed.dist.DistError) or "gloo" in str(e) or "NCCL" in str(e)):
             why = (f"a collective with the other processes failed ({first}). Another process died or stopped "
                    f"answering (see its log; --timeout bounds the wait); restart with --resume to continue from "
@@ -517,3 +517,7 @@ if __name__ == "__main__":
         print(f"error: {f'rank {distributed.dist.get_rank()}: ' if multi else ''}{why}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)  # not sys.exit: the process group's threads, still waiting on the lost peer, abort an exit
+    except KeyboardInterrupt:  # ctrl-C: what the last checkpoint holds is safe (written atomically)
+        print("interrupted: continue from --out's last checkpoint with the same command plus --resume",
+              file=sys.stderr, flush=True)
+        sys.exit(130)

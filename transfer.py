@@ -608,3 +608,9 @@ if __name__ == "__main__":
         run(args)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except RuntimeError as e:
+        if not distributed.out_of_memory(e):
+            raise
+        sys.exit(f"error: out of memory ({str(e).strip()[:300]}); lower --batch-size or --chunk")
+    except KeyboardInterrupt:  # the outputs are written at the end: an earlier run's are as they were
+        sys.exit("interrupted: no results written; the features cached so far are reused next time")

@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+import bench
 import data
 import generate
 import mlstm
@@ -408,6 +409,45 @@ def test_fp16_loss_scale_stuck_at_its_floor_is_divergence(tmp_path, monkeypatch,
     with pytest.raises(SystemExit, match=rf"diverged at step {at} \(loss 5\.\d+, {skipped} skipped steps, loss scale {scale}\)"):
         run(tmp_path, "a", "--iters", "10", "--dtype", "fp16", "--loss-scale", "4", "--hidden", "8",
             "--seq-len", "4", "--batch-size", "2", "--log-every", "3", "--save-every", "3", *scaler)
+
+
+# --- ctrl-C, memory, a closed pipe: one line, not a traceback ----------------------------------------------
+
+
+def test_ctrl_c_during_training_is_one_line_and_the_run_resumes(tmp_path, straight):
+    out = tmp_path / "run"
+    p = subprocess.Popen([PY, wrapper(tmp_path), *flags(tmp_path, "run", "--iters", "8")], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: os.path.exists(out / "ckpt.pt"), [p])
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=60)[1]
+    finally:
+        kill([p])
+    assert p.returncode == 130 and "interrupted: continue from --out's last checkpoint" in err \
+        and "Traceback" not in err, f"exit {p.returncode}, stderr:\n{err}"
+    run(tmp_path, "run", "--iters", "8", "--resume")
+    assert same_weights(out / "ckpt.pt", straight)
+
+
+def test_running_out_of_memory_on_the_cpu_is_one_line(tmp_path):
+    p = subprocess.run([PY, "train.py", *flags(tmp_path, "huge", "--iters", "1", "--hidden", "2000000")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and "error: out of memory" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    row = bench.measure("ours", 2_000_000, 2, 4, steps=1, warmup=0)
+    assert row["error"] == "out of memory" and row["ms_per_step"] is None, row
+
+
+def test_generate_into_a_pipe_closed_early_stops_quietly(tmp_path):
+    torch.manual_seed(0)
+    train.save_checkpoint(str(tmp_path / "m.pt"), {"model": mlstm.MLSTM(hidden=16, embed=8).state_dict(),
+                                                  "config": {"hidden": 16, "embed": 8, "no_weight_norm": False}})
+    p = subprocess.Popen([PY, "generate.py", "--checkpoint", str(tmp_path / "m.pt"), "--length", "1000000",
+                          "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(5)  # as `| head -c 5` does: read a little, then close
+    p.stdout.close()
+    err = p.communicate(timeout=120)[1].decode()
+    assert p.returncode == 1 and "Traceback" not in err, f"exit {p.returncode}, stderr:\n{err}"
 
 
 # --- a full disk, an unwritable --out -----------------------------------------------------------------------

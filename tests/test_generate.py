@@ -201,6 +201,10 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, capsys):
         generate.main(["--checkpoint", str(tmp_path / "other.pt")])
     assert "\n" not in str(e.value) and "size mismatch for wx" in str(e.value) and "(and 9 more))" in str(e.value), \
         e.value
+    sd = mlstm.MLSTM(hidden=16, embed=8).state_dict()
+    sd["wh"][0, 0] = float("nan")  # a run saved after it diverged
+    torch.save({"model": sd, "config": config}, tmp_path / "nan.pt")
+    fails(["--checkpoint", str(tmp_path / "nan.pt")], "nan.pt: weights ['wh'] hold inf or NaN", capsys)
 
 
 def test_results_of_another_model(tmp_path, capsys):
