@@ -65,7 +65,8 @@ MAGIC = {b"\x1f\x8b": "gzip", **{b"BZh%d1AY&SY" % n: "bz2" for n in range(1, 10)
 
 def _open_text(path):
     """Text of a source, decompressed by its extension; a file compressed otherwise is an error, not read as text.
-    utf-8-sig drops the byte-order mark of Excel's "CSV UTF-8" (it would otherwise prefix the first column name)."""
+    utf-8-sig drops the byte-order mark of Excel's "CSV UTF-8" (it would otherwise prefix the first column name);
+    a UTF-16 byte-order mark (Excel's "Unicode text") is read as UTF-16, not as text full of NUL bytes."""
     raw = open(path, "rb")
     head = raw.peek(10)[:10]  # peek, not read, and the decompressor wraps this handle: a pipe is read once
     found = next((fmt for magic, fmt in MAGIC.items() if head.startswith(magic)), None)
@@ -77,7 +78,8 @@ def _open_text(path):
                         f"{path}: compressed with {found}; decompress it first, or use .gz/.bz2/.xz")
     if opener:
         raw = opener(raw, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
+    utf16 = raw.peek(2)[:2] in (b"\xff\xfe", b"\xfe\xff")  # the byte-order mark of Excel's "Unicode text"
+    return io.TextIOWrapper(raw, encoding="utf-16" if utf16 else "utf-8-sig", errors="replace", newline="")
 
 
 # The longest line (document) read, in characters: a longer one is skipped and counted, read in bounded pieces,

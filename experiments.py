@@ -619,9 +619,9 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun) for the GPU scale")
     p.add_argument("--seed", type=int, default=1, help="train.py --seed")
     p.add_argument("--points", type=int, default=60, help="log events per run (the curves' resolution)")
-    p.add_argument("--eval-rows", type=int)
-    p.add_argument("--eval-seq", type=int)
-    p.add_argument("--eval-windows", type=int)
+    p.add_argument("--eval-rows", type=int, help="held-out BPC: streams of the test split (fewer if it is small)")
+    p.add_argument("--eval-seq", type=int, help="held-out BPC: bytes per window")
+    p.add_argument("--eval-windows", type=int, help="held-out BPC: consecutive windows per stream, state carried")
     p.add_argument("--dry-run", action="store_true",
                    help="print the train.py commands of the plan, run nothing (the held-out BPC and transfer "
                         "commands depend on the runs: they are in results.md)")

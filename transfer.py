@@ -547,7 +547,8 @@ def parse_args(argv=None):
     p.add_argument("--test", help="test file")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
-    p.add_argument("--val-frac", type=float, default=0.2, help="share of train carved as validation")
+    p.add_argument("--val-frac", type=float, default=0.2, help="share of train carved as validation where there is "
+                   "no validation file (imdb; --train without --val); sst2 uses its dev.csv")
     p.add_argument("--seed", type=int, default=0, help="seed of the carved validation and of --limit")
     p.add_argument("--limit", type=int, help="use at most N texts per split (a seeded subset)")
     p.add_argument("--feature", choices=FEATURES, default="cell", help="cell state after the last byte (paper)")

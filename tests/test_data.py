@@ -68,14 +68,17 @@ def test_a_truncated_imdb_tarball_is_an_error_wherever_it_is_cut(tmp_path, mode)
     assert not missed, f"{len(missed)} of {len(whole) // 7} cuts read as a complete archive, e.g. at bytes {missed[:5]}"
 
 
-def test_the_format_follows_the_extension_in_any_case_and_tar_only_as_an_extension(tmp_path):
+def test_the_format_follows_the_extension_in_any_case_and_utf16_is_read_as_utf16(tmp_path):
     want = [b"\n one ", b"\n two "]
     (tmp_path / "R.CSV").write_text("id,text\n1,one\n2,two\n")
     (tmp_path / "R.JSONL").write_text('{"reviewText": "one"}\n{"reviewText": "two"}\n')
     (tmp_path / "movies.tarantino.jsonl").write_text('{"reviewText": "one"}\n{"reviewText": "two"}\n')
     with gzip.open(tmp_path / "R.TSV.GZ", "wt") as f:
         f.write("id\ttext\n1\tone\n2\ttwo\n")
-    for name in ("R.CSV", "R.JSONL", "movies.tarantino.jsonl", "R.TSV.GZ"):
+    (tmp_path / "u16.csv").write_text("id,text\n1,one\n2,two\n", encoding="utf-16")  # Excel's "Unicode text"
+    with gzip.open(tmp_path / "u16.txt.gz", "wt", encoding="utf-16-be") as f:
+        f.write("\ufeffone\ntwo\n")
+    for name in ("R.CSV", "R.JSONL", "movies.tarantino.jsonl", "R.TSV.GZ", "u16.csv", "u16.txt.gz"):
         data.prepare([str(tmp_path / name)], str(tmp_path / name.replace(".", "_")), val_frac=0, test_frac=0, log=quiet)
         got = read_split(str(tmp_path / name.replace(".", "_")), "train")
         assert got == want, f"{name}: {got}"
