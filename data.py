@@ -154,7 +154,7 @@ def imdb_documents(path, parts=IMDB_PARTS):
             while f.read(1 << 20):
                 pass
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"{path}: cannot read as a tar archive ({e or type(e).__name__})")
+        raise DataError(f"{path}: cannot read as a tar archive ({e})")
 
 
 def documents(path, text_field="reviewText", stats=None):

@@ -46,6 +46,12 @@ def test_a_row_out_of_memory_is_reported_not_raised(monkeypatch):
     assert rows[1]["error"] == "out of memory" and rows[1]["ours_over_row_chars"] is None
     assert bench.table(rows).splitlines()[2].split()[:3] == ["plain", "-", "-"]
 
+    def bug(*args):
+        raise RuntimeError("shape mismatch")  # not a memory error: raised, not a table row
+    monkeypatch.setattr(bench, "train_step", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        bench.measure("ours", H, B, T, steps=1, warmup=0)
+
 
 def test_bad_flags_are_refused_with_a_message(capsys):
     for argv, msg in ((["--hidden", "huge"], "--hidden must be"), (["--steps", "0"], "--steps must be"),

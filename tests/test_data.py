@@ -176,9 +176,12 @@ def test_imdb_folder_and_tarball_give_the_same_training_text_without_test(tmp_pa
         tf.add(str(tmp_path / "src" / "aclImdb"), arcname="aclImdb")
     folder = data.prepare([str(tmp_path / "src")], str(tmp_path / "f"), val_frac=0, test_frac=0, log=lambda *a: None)
     tarred = data.prepare([str(tar)], str(tmp_path / "t"), val_frac=0, test_frac=0, log=lambda *a: None)
+    shutil.copy(tar, tmp_path / "aclImdb.TGZ")  # the other name of a .tar.gz, in any case
+    data.prepare([str(tmp_path / "aclImdb.TGZ")], str(tmp_path / "z"), val_frac=0, test_frac=0, log=lambda *a: None)
     a, b = read_split(str(tmp_path / "f"), "train"), read_split(str(tmp_path / "t"), "train")
     want = {data.normalize(t) for p in ("train/unsup", "train/pos", "train/neg") for t in texts[p]}
     assert set(a) == set(b) == want and len(a) == 9
+    assert read_split(str(tmp_path / "z"), "train") == b
     assert folder["documents"] == tarred["documents"]
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import experiments
+import mlstm
 
 
 def write_fixtures(root):
@@ -71,6 +72,7 @@ def assert_tables_aligned(md):
     for b in blocks:
         widths = [len(line.strip().strip("|").split("|")) for line in b]
         assert len(set(widths)) == 1, f"cells per row {widths} in the table:\n" + "\n".join(b)
+        assert all(line.endswith("|") for line in b), "a row without its closing pipe:\n" + "\n".join(b)
     return len(blocks)
 
 
@@ -120,6 +122,7 @@ def test_tiny_sweep_is_collected_into_tables(sweep):
     baseline = f"test {100 * tr['baseline_test_acc']:.1f}%, from"  # the first transfer computed the baseline
     assert md.count(baseline) == 2, f"{baseline!r} not in both experiments' baseline lines:\n{md}"
     assert assert_tables_aligned(md) == 3, md  # size, lr summary, lr detail
+    assert md.count(" | SST-2 all / neuron | wall s | commands |") == 2, md  # the size and lr detail headers
     saved = json.loads((root / "out" / "results.json").read_text())
     assert saved["runs"] == json.loads(json.dumps(res["runs"])), f"results.json runs: {saved['runs']}"
     try:
@@ -234,6 +237,25 @@ def test_a_device_this_machine_lacks_is_refused_before_any_run(tmp_path):
         experiments.main(["--out", str(tmp_path / "out"), "--device", "bogus"])
     assert not (tmp_path / "out").exists()
     experiments.parse_args(["--device", "bogus", "--dry-run"])  # planning only: the device is not used
+    if not torch.cuda.is_available():  # the GPU-scale plan printed on a machine without one
+        experiments.main(["--out", str(tmp_path / "out"), "--scale", "gpu", "--dry-run"])
+        assert not (tmp_path / "out").exists()
+
+
+def test_same_argv_compares_paths_by_the_file_and_everything_else_as_it_is(tmp_path):
+    (tmp_path / "d.txt").write_text("x")
+    link = tmp_path / "link.txt"
+    link.symlink_to(tmp_path / "d.txt")
+    assert experiments.same_argv(["--data", str(tmp_path / "d.txt")], ["--data", str(link)])
+    assert not experiments.same_argv(["--data", str(tmp_path / "d.txt")], ["--data", str(tmp_path / "d.txt"), "x"])
+    assert not experiments.same_argv(["--lr", "0.002"], ["--lr", "0.003"])
+
+
+def test_bpc_of_a_checkpoint_without_a_corpus_in_its_config_is_an_error(tmp_path):
+    torch.save({"model": mlstm.MLSTM(hidden=8, embed=8).state_dict(),
+                "config": {"hidden": 8, "embed": 8, "no_weight_norm": False}}, tmp_path / "m.pt")
+    with pytest.raises(SystemExit, match=r"m\.pt: its config has no 'data': not from train\.py"):
+        experiments.heldout_bpc(str(tmp_path / "m.pt"))
 
 
 def test_a_missing_corpus_or_an_unwritable_out_is_one_line_not_a_traceback(tmp_path):

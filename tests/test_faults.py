@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import runpy
 import signal
 import socket
 import subprocess
@@ -436,6 +437,36 @@ def test_running_out_of_memory_on_the_cpu_is_one_line(tmp_path):
     assert p.returncode == 1 and "error: out of memory" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     row = bench.measure("ours", 2_000_000, 2, 4, steps=1, warmup=0)
     assert row["error"] == "out of memory" and row["ms_per_step"] is None, row
+
+
+OOM = RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+
+@pytest.mark.parametrize("script", ["transfer.py", "generate.py"])
+@pytest.mark.parametrize("fault, said", [
+    (KeyboardInterrupt(), None), (OOM, "error: out of memory"), (RuntimeError("a bug"), None)])
+def test_the_scripts_end_on_ctrl_c_and_out_of_memory_with_one_line(tmp_path, monkeypatch, script, fault, said):
+    """Each script's __main__ as run from the command line, the model loader raising the fault."""
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    (tmp_path / "a.csv").write_text("label,text\n1,good\n0,bad\n1,fine\n0,awful\n1,great\n0,poor\n")
+    argv = {"transfer.py": ["--train", str(tmp_path / "a.csv"), "--test", str(tmp_path / "a.csv"), "--val-frac", "0.5"],
+            "generate.py": []}[script]
+    monkeypatch.setattr(sys, "argv", [script, "--checkpoint", str(tmp_path / "ckpt.pt"), "--device", "cpu", *argv])
+
+    def fail(*a, **k):
+        raise fault
+    monkeypatch.setattr(mlstm, "load_pretrained", fail)
+    if isinstance(fault, RuntimeError) and said is None:  # not a memory error: the traceback, as for any bug
+        with pytest.raises(RuntimeError, match="a bug"):
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+        return
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    if isinstance(fault, KeyboardInterrupt):
+        want = {"transfer.py": "interrupted: no results written", "generate.py": 130}[script]
+        assert e.value.code == want or str(e.value.code).startswith(str(want)), e.value.code
+    else:
+        assert str(e.value.code).startswith(said) and "\n" not in str(e.value.code), e.value.code
 
 
 def test_generate_into_a_pipe_closed_early_stops_quietly(tmp_path):

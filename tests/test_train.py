@@ -73,7 +73,11 @@ def test_bad_flags_are_refused_with_a_message(capsys):
                       (["--bucket-mb", "-3"], "--bucket-mb must be >= 0 and finite"),
                       (["--timeout", "inf"], "--timeout must be > 0 seconds and finite"),
                       (["--val-frac", "1.5"], "--val-frac and --test-frac must be >= 0"),
-                      (["--val-frac", "0.6", "--test-frac", "0.5"], "with a sum below 1")):
+                      (["--val-frac", "0.6", "--test-frac", "0.5"], "with a sum below 1"),
+                      (["--val-frac", "1"], "--val-frac and --test-frac must be >= 0"),
+                      (["--seed", str(2**62)], "--seed must be >= 0 (and below 2^62)"),
+                      (["--scale-growth", str(2**62)], "--scale-growth must be >= 1"),
+                      (["--bucket-mb", "inf"], "--bucket-mb must be >= 0 and finite")):
         with pytest.raises(SystemExit):
             train.parse_args(argv)
         err = capsys.readouterr().err
@@ -168,6 +172,8 @@ def test_metrics_after_the_checkpoint_are_not_logged_twice_on_resume(tmp_path, c
     run(tmp_path, "a", "--iters", "2")  # and another fresh run: both earlier runs' checkpoints are kept
     steps = {n: torch.load(tmp_path / "a" / n, weights_only=True)["step"] for n in ("ckpt.pt.earlier", "ckpt.pt.earlier2")}
     assert steps == {"ckpt.pt.earlier": 8, "ckpt.pt.earlier2": 1}, steps
+    run(tmp_path, "a", "--iters", "2")
+    assert torch.load(tmp_path / "a" / "ckpt.pt.earlier3", weights_only=True)["step"] == 2
 
 
 def test_resuming_a_finished_run_evaluates_nothing_twice(tmp_path, capsys):

@@ -124,7 +124,8 @@ def test_read_labeled_formats(tmp_path):
     files = [write(tmp_path / "a.csv", 'label,text\n1,good film\n0,"bad, awful"\n'),
              write(tmp_path / "a.tsv", "text\tlabel\ngood film\tpos\nbad, awful\tneg\n"),
              write(tmp_path / "a.jsonl.gz", '{"text": "good film", "label": 1}\n\n{"text": "bad, awful", "label": "0"}\n'),
-             write(tmp_path / "UP.CSV.GZ", 'label,text\n1,good film\n0,"bad, awful"\n')]
+             write(tmp_path / "UP.CSV.GZ", 'label,text\n1,good film\n0,"bad, awful"\n'),
+             write(tmp_path / "UP.TSV", "text\tlabel\ngood film\tpos\nbad, awful\tneg\n")]
     for name, compress in (("b.csv.xz", lzma.compress), ("b.tsv.bz2", bz2.compress)):
         (tmp_path / name).write_bytes(compress(open(files[name.endswith("bz2")], "rb").read()))
         files.append(str(tmp_path / name))
@@ -406,6 +407,7 @@ def test_outputs_are_written_whole_and_results_last(tmp_path, monkeypatch):
     (["--heatmap", "-1"], "--heatmap must be >= 0"),
     (["--heatmap-bytes", "0"], "--heatmap-bytes must be >= 1"),
     (["--seed", "-3"], "--seed must be in [0, 2^63)"),
+    (["--seed", str(2**63)], "--seed must be in [0, 2^63)"),
     (["--device", "bogus"], "--device bogus: expected cpu, cuda or cuda:N"),
     (["--out", "{tmp}/ckpt.pt/out"], "--out {tmp}/ckpt.pt/out: {tmp}/ckpt.pt is not a writable folder"),
     (["--json", "{tmp}/none/r.json"], "--json {tmp}/none/r.json: not a file name in an existing, writable folder"),
