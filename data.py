@@ -19,6 +19,7 @@ import argparse
 import bz2
 import contextlib
 import csv
+import errno
 import gzip
 import hashlib
 import html
@@ -54,6 +55,11 @@ def normalize(text, errors="replace"):
 
 class DataError(Exception):
     """Bad input: the message names the file and the problem."""
+
+
+# What reading a damaged file raises: gzip's and bz2's errors are OSError or EOFError, xz's LZMAError, a damaged
+# deflate block's zlib.error.
+BAD_FILE = (OSError, EOFError, zlib.error, lzma.LZMAError)
 
 
 # Compressions read by their extension, and the magic numbers that tell what a file really is (bz2's with its
@@ -107,8 +113,8 @@ def _lines(f, skip, limit=None):
 def _kind(path):
     base, ext = os.path.splitext(path.lower())  # R.CSV is a CSV
     name = base if ext in DECOMPRESS else path.lower()
-    if os.path.isdir(path) or name.endswith(".tar") or ext == ".tgz":
-        return "imdb"
+    if os.path.isdir(path) or name.endswith((".tar", ".tgz")) or ".tar." in os.path.basename(name):
+        return "imdb"  # a .tar.lz4 too: its error says it is not a tarball read here, rather than reading bytes
     for ext, kind in ((".jsonl", "json"), (".json", "json"), (".csv", "csv"), (".tsv", "tsv")):
         if name.endswith(ext):
             return kind
@@ -153,8 +159,8 @@ def imdb_documents(path, parts=IMDB_PARTS):
             # end-of-stream marker is what tells a complete archive from a truncated one (EOFError)
             while f.read(1 << 20):
                 pass
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"{path}: cannot read as a tar archive ({e})")
+    except (tarfile.TarError, *BAD_FILE) as e:
+        raise DataError(f"{path}: cannot read as a tar archive ({type(e).__name__}: {e})")
 
 
 def documents(path, text_field="reviewText", stats=None):
@@ -219,7 +225,7 @@ def documents(path, text_field="reviewText", stats=None):
                 for _, line in _lines(f, skip):
                     if line.strip():
                         yield line
-    except (OSError, EOFError, csv.Error, zlib.error, lzma.LZMAError) as e:  # a truncated/corrupt archive, binary CSV
+    except (csv.Error, *BAD_FILE) as e:  # a truncated/corrupt archive, binary CSV
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})")
 
 
@@ -242,16 +248,20 @@ def _check_out(out_dir):
 
 
 @contextlib.contextmanager
-def _locked(out_dir, log):
-    """Hold OUT.lock: one preparation of out_dir at a time, across processes (two train.py runs started together).
-    The lock file stays: deleting it would let a third process lock a new file while a second waits on the old."""
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    with open(out_dir + ".lock", "a") as f:
+def locked(path, log, busy=None):
+    """Hold an exclusive lock on the file `path` for the with-block, across processes: waiting for another
+    holder, or with `busy` (a message) raising DataError(busy) at once. The lock file stays: deleting it would
+    let a third process lock a new file while a second waits on the old."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
         try:
             if fcntl:
-                fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError as e:  # e.g. Lustre or NFS mounted without locks: ENOLCK, ENOSYS
-            log(f"prepare: warning: no file lock on {out_dir}.lock ({e.strerror}); preparing unlocked")
+                fcntl.flock(f, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except OSError as e:
+            if busy and e.errno in (errno.EAGAIN, errno.EACCES):  # EACCES: where flock is emulated by fcntl
+                raise DataError(busy) from None
+            # e.g. Lustre or NFS mounted without locks: ENOLCK, ENOSYS
+            log(f"warning: no file lock on {path} ({e.strerror}); going on unlocked")
         yield
 
 
@@ -275,7 +285,7 @@ def prepare(sources, out_dir, text_field="reviewText", val_frac=0.01, test_frac=
             if os.path.commonpath([os.path.realpath(src), out_dir]) == out_dir:
                 raise DataError(f"{src}: the source lies inside the output folder {out_dir}; choose another one")
     _check_out(out_dir)  # before the lock, so that a refused folder gets no OUT.lock beside it
-    with _locked(out_dir, log):
+    with locked(out_dir + ".lock", log):  # one preparation of out_dir at a time (two runs started together)
         if reuse and os.path.isfile(os.path.join(out_dir, "meta.json")):
             with open(os.path.join(out_dir, "meta.json")) as f:
                 return json.load(f)

@@ -191,10 +191,10 @@ def heldout_bpc(checkpoint, rows=16, seq=256, windows=32, split="test", device="
     if its cache is gone (log: its progress). -> dict(bpc, chars, ...)."""
     model, cfg = mlstm.load_pretrained(checkpoint, device)
     try:
-        corpus = data.resolve(cfg["data"], cfg["cache_dir"], cfg["text_field"], cfg["val_frac"], cfg["test_frac"],
-                              log=log)
+        where = [cfg[k] for k in ("data", "cache_dir", "text_field", "val_frac", "test_frac")]
     except KeyError as e:
         raise SystemExit(f"error: {checkpoint}: its config has no {e}: not from train.py") from None
+    corpus = data.resolve(*where, log=log)
     path = os.path.join(corpus, split + ".bin")
     rows = min(rows, os.path.getsize(path) // (seq + 1))
     if rows < 1:

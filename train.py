@@ -21,6 +21,7 @@ gradient clipping, mixed precision (fp16.py) and data parallelism (distributed.p
 import argparse
 import contextlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -30,11 +31,6 @@ import traceback
 
 import numpy as np
 import torch
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks, so no guard against two runs sharing one --out
-    fcntl = None
 
 import data
 import distributed
@@ -127,21 +123,6 @@ def save_checkpoint(path, ckpt):
                          f"checkpoint, if any, is left as it was (resume with --resume once there is room)")
 
 
-def lock_out(out, log):
-    """Hold OUT/.lock for this process's life (the kernel frees it when the process dies, however): two runs
-    writing one folder would interleave their logs and rotate each other's checkpoints away."""
-    f = open(os.path.join(out, ".lock"), "a")
-    try:
-        if fcntl:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise SystemExit(f"error: another run is using --out {out} (it holds {out}/.lock); wait for it to end or "
-                         f"give another --out")
-    except OSError as e:  # e.g. a network file system mounted without locks
-        log(f"warning: no file lock on {out}/.lock ({e.strerror}); nothing stops a second run using {out}")
-    return f
-
-
 def start_run_files(cfg, start, log):
     """Write config.json, and cut metrics.jsonl back to the events up to step `start` (the checkpoint resumed
     from; 0 for a fresh run), so that a resumed run does not log the steps after its checkpoint twice."""
@@ -151,12 +132,12 @@ def start_run_files(cfg, start, log):
         log(f"warning: {out} holds an earlier run; this fresh run replaces its log and keeps its checkpoints, if "
             "any, as *.earlier (*.earlier2, ... if taken; to continue a run, give --resume)")
     try:
-        for name in ("ckpt.pt", "ckpt.prev.pt") if start == 0 else ():  # never resumed, nor fallen back to, later
+        names = ("ckpt.pt", "ckpt.prev.pt") if start == 0 else ()  # never resumed, nor fallen back to, later
+        tags = (".earlier" + (str(k) if k > 1 else "") for k in itertools.count(1))  # a still earlier run's: kept
+        tag = next(t for t in tags if not any(os.path.exists(os.path.join(out, n + t)) for n in names))
+        for name in names:
             if os.path.exists(os.path.join(out, name)):
-                dst, k = os.path.join(out, name + ".earlier"), 2
-                while os.path.exists(dst):  # a still earlier run's, kept too
-                    dst, k = os.path.join(out, f"{name}.earlier{k}"), k + 1
-                os.replace(os.path.join(out, name), dst)
+                os.replace(os.path.join(out, name), os.path.join(out, name + tag))
         if os.path.exists(path):
             with open(path) as f:
                 for line in f:
@@ -231,8 +212,13 @@ def export(out, path, log=print):
                          f"{str(e)[:200]})")
     if not all(w.isfinite().all() for w in weights.values()):
         raise SystemExit(f"error: --export: {src} has weights beyond fp16's range")
-    with contextlib.suppress(Exception):  # not there, or not a checkpoint: it may be written over
-        if "optimizer" in torch.load(path, map_location="cpu", weights_only=True, mmap=True):
+    if os.path.lexists(path):  # only an earlier export is written over
+        try:
+            held = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise SystemExit(f"error: --export: {path} exists and is not a model file to replace ({type(e).__name__}); "
+                             f"remove it or export to another path")
+        if not isinstance(held, dict) or "optimizer" in held:
             raise SystemExit(f"error: --export: {path} is a train.py checkpoint (it holds an optimizer state); "
                              f"export to another path")
     try:
@@ -262,7 +248,18 @@ def main(cfg):
             raise SystemExit(f"error: cannot write to --out {cfg['out']}: {e}")
         if not os.access(cfg["out"], os.W_OK):
             raise SystemExit(f"error: cannot write to --out {cfg['out']}: permission denied")
-        lock = lock_out(cfg["out"], print)  # noqa: F841 (held, not used: released when this process ends)
+    # Held while this run writes --out: a second run into it would interleave the logs and rotate away the
+    # checkpoints. Windows has no such lock.
+    busy = f"another run is using --out {cfg['out']} (it holds .lock there); wait for it to end or give another --out"
+    try:
+        with data.locked(os.path.join(cfg["out"], ".lock"), log, busy) if d.main else contextlib.nullcontext():
+            train(cfg, d, log)
+    except data.DataError as e:  # the lock's (train turns its own data errors into messages)
+        raise SystemExit(f"error: {e}")
+
+
+def train(cfg, d, log):
+    """The run itself, for main: data, model, optimizer, checkpoint to resume from, the training loop."""
     log("config: " + json.dumps(cfg))
 
     # Data: rank 0 prepares a raw source once (cached); the others wait, then memory-map the same files.
@@ -288,6 +285,8 @@ def main(cfg):
                          f"({type(e).__name__}: {e})")
     spe = loader.steps_per_epoch
     total = min(cfg["iters"] or math.inf, max(1, round(cfg["epochs"] * spe)) if cfg["epochs"] else math.inf)
+    if total >= 2**62:
+        raise SystemExit(f"error: --epochs {cfg['epochs']:g} makes {total:.3g} steps of {spe} per epoch: too many")
     end = min(total, cfg["stop_at"] or total)
     peak = scaled_lr(cfg["lr"], cfg["lr_rule"], B)
     log(f"data: {corpus}: {len(loader.data) / 1e6:.1f} MB train, {spe} steps per epoch; "
@@ -395,6 +394,10 @@ def main(cfg):
             log(f"step {step}/{total} | val bpc {val:.3f}")
             record({"step": step, "val_bpc": val})
             t0 += time.time() - paused
+        if step == total and "test" in evals:
+            test = evaluate(model, evals["test"], cfg["eval_iters"], d.device)
+            log(f"final | test bpc {test:.3f}")
+            record({"step": step, "test_bpc": test})
         # After the step's events: a run killed once its checkpoint is written resumes with all of them logged.
         if step % cfg["save_every"] == 0 or step == end:  # save steps are log steps (--save-every is checked)
             paused = pause_clock()
@@ -402,13 +405,8 @@ def main(cfg):
             last_ok, t0 = step, t0 + time.time() - paused
     if step_start == total:  # --resume of a finished run: its final evaluation is already in metrics.jsonl
         log(f"--resume: the run in {cfg['out']} was already complete at step {total}: nothing to do")
-    elif step == total:
-        if "test" in evals:
-            test = evaluate(model, evals["test"], cfg["eval_iters"], d.device)
-            log(f"final | test bpc {test:.3f}")
-            record({"step": step, "test_bpc": test})
-        if cfg["sample_chars"] and d.main:
-            log("sample: " + sample(model, b"\n ", cfg["sample_chars"], seed=cfg["seed"]))
+    elif step == total and cfg["sample_chars"] and d.main:
+        log("sample: " + sample(model, b"\n ", cfg["sample_chars"], seed=cfg["seed"]))
     distributed.cleanup()
 
 
@@ -481,13 +479,13 @@ def parse_args(argv=None):
     if not (0 < a.lr < math.inf and 0 <= a.clip < math.inf and 1 <= a.loss_scale < 2**64):
         p.error("--lr must be > 0, --clip >= 0, --loss-scale in [1, 2^64), all finite")
     if not 1 <= a.scale_growth < big:
-        p.error("--scale-growth must be >= 1 (steps)")
+        p.error("--scale-growth must be >= 1 (steps; and below 2^62)")
     if not 0 <= a.bucket_mb < math.inf:
         p.error("--bucket-mb must be >= 0 and finite")
     if a.device != "auto" and (why := distributed.device_problem(a.device, ("auto", "cpu", "cuda"))):
         p.error(why)
     if not 0 < a.timeout < 1e9:
-        p.error("--timeout must be > 0 seconds and finite")
+        p.error("--timeout must be > 0 and below 1e9 seconds")
     if a.recompute and a.cuda_graph:
         p.error("--recompute does not combine with --cuda-graph")
     return vars(a)

@@ -24,7 +24,7 @@ Features are cached as .npy in --cache-dir (default CKPT_DIR/features/, safe to 
 checkpoint's path, size and mtime, the texts' content and the feature options. Writes to --out (default
 CKPT_DIR/transfer-TASK/): results.json, heatmap.html (the neuron per byte), histogram.txt (+ .png).
 """
-import argparse, codecs, csv, hashlib, html, json, lzma, os, re, sys, time, warnings, zlib
+import argparse, codecs, csv, hashlib, html, json, os, re, sys, time, warnings
 from collections import Counter
 
 import numpy as np
@@ -100,7 +100,7 @@ def read_labeled(path, text_column="text", label_column="label"):
                 labels.append(_label(row[label_column], f"{path}:{n}"))
     except csv.Error as e:
         raise DataError(f"{path}:{n + 1}: malformed row ({e}); a stray quote?") from None
-    except (OSError, EOFError, ValueError, RecursionError, zlib.error, lzma.LZMAError) as e:  # a bad archive
+    except (ValueError, RecursionError, *data.BAD_FILE) as e:  # a bad archive, a JSON nested too deep
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})")
     if not texts:
         raise DataError(f"{path}: no labelled rows (empty split)")
@@ -614,4 +614,5 @@ if __name__ == "__main__":
             raise
         sys.exit(f"error: out of memory ({str(e).strip()[:300]}); lower --batch-size or --chunk")
     except KeyboardInterrupt:  # the outputs are written at the end: an earlier run's are as they were
-        sys.exit("interrupted: no results written; the features cached so far are reused next time")
+        print("interrupted: no results written; the features cached so far are reused next time", file=sys.stderr)
+        sys.exit(130)

@@ -66,6 +66,12 @@ def test_a_truncated_imdb_tarball_is_an_error_wherever_it_is_cut(tmp_path, mode)
             assert "cannot read as a tar archive" in str(e), e
     assert quiet, "no cut that tarfile alone accepts: the test shows nothing"
     assert not missed, f"{len(missed)} of {len(whole) // 7} cuts read as a complete archive, e.g. at bytes {missed[:5]}"
+    for at in range(20, len(whole), 41):  # a flipped byte: an error naming the file, whatever the decompressor raises
+        tar.write_bytes(whole[:at] + bytes([whole[at] ^ 0xFF]) + whole[at + 1:])
+        try:
+            sum(1 for _ in data.imdb_documents(str(tar)))  # a flip inside a review's text can go unnoticed
+        except data.DataError as e:
+            assert "cannot read as a tar archive" in str(e), e
 
 
 def test_the_format_follows_the_extension_in_any_case_and_utf16_is_read_as_utf16(tmp_path):
@@ -78,6 +84,9 @@ def test_the_format_follows_the_extension_in_any_case_and_utf16_is_read_as_utf16
     (tmp_path / "u16.csv").write_text("id,text\n1,one\n2,two\n", encoding="utf-16")  # Excel's "Unicode text"
     with gzip.open(tmp_path / "u16.txt.gz", "wt", encoding="utf-16-be") as f:
         f.write("\ufeffone\ntwo\n")
+    (tmp_path / "x.tar.lz4").write_bytes(b"\x04\x22\x4d\x18 lz4 frames are not read here")
+    with pytest.raises(data.DataError, match="x.tar.lz4: cannot read as a tar archive"):  # not as text
+        data.prepare([str(tmp_path / "x.tar.lz4")], str(tmp_path / "lz4"), log=quiet)
     for name in ("R.CSV", "R.JSONL", "movies.tarantino.jsonl", "R.TSV.GZ", "u16.csv", "u16.txt.gz"):
         data.prepare([str(tmp_path / name)], str(tmp_path / name.replace(".", "_")), val_frac=0, test_frac=0, log=quiet)
         got = read_split(str(tmp_path / name.replace(".", "_")), "train")

@@ -191,26 +191,28 @@ class Killed(BaseException):
     """A kill at a chosen point, raised inside the process: nothing after it runs, no handler catches it."""
 
 
-def test_a_kill_right_after_a_checkpoint_resumes_with_every_event_of_that_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("at", [4, 8])  # mid-run, and the last checkpoint (then the final test BPC must be in)
+def test_a_kill_right_after_a_checkpoint_resumes_with_every_event_of_that_step(tmp_path, monkeypatch, at):
     run(tmp_path, "straight", "--iters", "8", "--eval-every", "2")
     real = train.save_checkpoint
 
     def save_then_die(path, ckpt):
         real(path, ckpt)
-        if ckpt["step"] == 4:
+        if ckpt["step"] == at:
             raise Killed
     monkeypatch.setattr(train, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
+    with pytest.raises(Killed) as kept:  # its traceback, and the frames it holds, outlive the run
         run(tmp_path, "killed", "--iters", "8", "--eval-every", "2")
     monkeypatch.setattr(train, "save_checkpoint", real)
-    run(tmp_path, "killed", "--iters", "8", "--eval-every", "2", "--resume")
+    run(tmp_path, "killed", "--iters", "8", "--eval-every", "2", "--resume")  # the lock went with the run
+    del kept
 
     def events(out):
         with open(tmp_path / out / "metrics.jsonl") as f:
             return [(e["step"], tuple(sorted(e))) for e in map(json.loads, f)]
     want, got = events("straight"), events("killed")
     assert got == want, f"events differ after the resume: {sorted(set(want) ^ set(got))}"
-    assert (4, ("step", "val_bpc")) in got
+    assert (at, ("step", "val_bpc")) in got and (8, ("step", "test_bpc")) in got
 
 
 def truncate(path, keep=0.5):
@@ -417,7 +419,7 @@ def test_fp16_loss_scale_stuck_at_its_floor_is_divergence(tmp_path, monkeypatch,
 
 def test_ctrl_c_during_training_is_one_line_and_the_run_resumes(tmp_path, straight):
     out = tmp_path / "run"
-    p = subprocess.Popen([PY, wrapper(tmp_path), *flags(tmp_path, "run", "--iters", "8")], cwd=ROOT,
+    p = subprocess.Popen([PY, wrapper(tmp_path, step_s=1), *flags(tmp_path, "run", "--iters", "8")], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: os.path.exists(out / "ckpt.pt"), [p])
@@ -432,10 +434,10 @@ def test_ctrl_c_during_training_is_one_line_and_the_run_resumes(tmp_path, straig
 
 
 def test_running_out_of_memory_on_the_cpu_is_one_line(tmp_path):
-    p = subprocess.run([PY, "train.py", *flags(tmp_path, "huge", "--iters", "1", "--hidden", "2000000")], cwd=ROOT,
+    p = subprocess.run([PY, "train.py", *flags(tmp_path, "huge", "--iters", "1", "--hidden", str(10**12))], cwd=ROOT,
                        capture_output=True, text=True)
     assert p.returncode == 1 and "error: out of memory" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
-    row = bench.measure("ours", 2_000_000, 2, 4, steps=1, warmup=0)
+    row = bench.measure("ours", 10**12, 2, 4, steps=1, warmup=0)  # fails at its first allocation
     assert row["error"] == "out of memory" and row["ms_per_step"] is None, row
 
 
@@ -463,8 +465,7 @@ def test_the_scripts_end_on_ctrl_c_and_out_of_memory_with_one_line(tmp_path, mon
     with pytest.raises(SystemExit) as e:
         runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     if isinstance(fault, KeyboardInterrupt):
-        want = {"transfer.py": "interrupted: no results written", "generate.py": 130}[script]
-        assert e.value.code == want or str(e.value.code).startswith(str(want)), e.value.code
+        assert e.value.code == 130, e.value.code
     else:
         assert str(e.value.code).startswith(said) and "\n" not in str(e.value.code), e.value.code
 

@@ -71,7 +71,7 @@ def test_bad_flags_are_refused_with_a_message(capsys):
                       (["--sample-chars", "-5"], "--sample-chars must be >= 0"),
                       (["--bucket-mb", "nan"], "--bucket-mb must be >= 0 and finite"),
                       (["--bucket-mb", "-3"], "--bucket-mb must be >= 0 and finite"),
-                      (["--timeout", "inf"], "--timeout must be > 0 seconds and finite"),
+                      (["--timeout", "inf"], "--timeout must be > 0 and below 1e9 seconds"),
                       (["--val-frac", "1.5"], "--val-frac and --test-frac must be >= 0"),
                       (["--val-frac", "0.6", "--test-frac", "0.5"], "with a sum below 1"),
                       (["--val-frac", "1"], "--val-frac and --test-frac must be >= 0"),
@@ -169,11 +169,13 @@ def test_metrics_after_the_checkpoint_are_not_logged_twice_on_resume(tmp_path, c
     assert "warning: " + str(tmp_path / "a") + " holds an earlier run" in capsys.readouterr().out
     assert not (tmp_path / "a" / "ckpt.prev.pt").exists(), "the earlier run's checkpoint is the fallback"
     assert torch.load(tmp_path / "a" / "ckpt.pt.earlier", weights_only=True)["step"] == 8
-    run(tmp_path, "a", "--iters", "2")  # and another fresh run: both earlier runs' checkpoints are kept
-    steps = {n: torch.load(tmp_path / "a" / n, weights_only=True)["step"] for n in ("ckpt.pt.earlier", "ckpt.pt.earlier2")}
-    assert steps == {"ckpt.pt.earlier": 8, "ckpt.pt.earlier2": 1}, steps
-    run(tmp_path, "a", "--iters", "2")
-    assert torch.load(tmp_path / "a" / "ckpt.pt.earlier3", weights_only=True)["step"] == 2
+    # more fresh runs: every earlier run's checkpoints are kept, a run's ckpt.pt and ckpt.prev.pt under one number
+    for iters in ("2", "4", "2"):
+        run(tmp_path, "a", "--iters", iters)
+    steps = {n: torch.load(tmp_path / "a" / n, weights_only=True)["step"] for n in os.listdir(tmp_path / "a")
+             if ".earlier" in n}
+    assert steps == {"ckpt.pt.earlier": 8, "ckpt.prev.pt.earlier": 6, "ckpt.pt.earlier2": 1, "ckpt.pt.earlier3": 2,
+                     "ckpt.pt.earlier4": 4, "ckpt.prev.pt.earlier4": 2}, steps
 
 
 def test_resuming_a_finished_run_evaluates_nothing_twice(tmp_path, capsys):
@@ -320,7 +322,7 @@ def test_fractional_epochs_end_the_run_with_its_final_log_and_test_bpc(tmp_path)
     assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["step"] == steps[-1]
 
 
-def test_export_writes_fp16_weights_that_load_pretrained_reads(tmp_path, capsys):
+def test_export_writes_fp16_weights_that_load_pretrained_reads(tmp_path, capsys, monkeypatch):
     run(tmp_path, "a", "--iters", "4", "--lr", "1e-2")
     ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     with pytest.raises(SystemExit, match=r"--export: .*nowhere.*ckpt\.pt is not a usable"):
@@ -329,14 +331,24 @@ def test_export_writes_fp16_weights_that_load_pretrained_reads(tmp_path, capsys)
     with pytest.raises(SystemExit, match=r"--export: cannot write .*file/x\.pt"):
         train.export(str(tmp_path / "a"), str(tmp_path / "file" / "x.pt"))
     (tmp_path / "dir").mkdir()
-    with pytest.raises(SystemExit, match=r"--export: cannot write .*dir"):
-        train.export(str(tmp_path / "a"), str(tmp_path / "dir"))
-    assert not (tmp_path / "dir.tmp").exists(), "the failed export left its temporary file"
+    (tmp_path / "notes.txt").write_text("mine")
+    for target in ("dir", "notes.txt"):
+        with pytest.raises(SystemExit, match=f"--export: .*{target} exists and is not a model file to replace"):
+            train.export(str(tmp_path / "a"), str(tmp_path / target))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
     for target in ("ckpt.pt", "ckpt.prev.pt"):  # a resumable checkpoint is never written over
         before = (tmp_path / "a" / target).read_bytes()
         with pytest.raises(SystemExit, match=f"--export: .*{target} is a train.py checkpoint"):
             train.export(str(tmp_path / "a"), str(tmp_path / "a" / target))
         assert (tmp_path / "a" / target).read_bytes() == before
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(SystemExit, match=r"--export: cannot write .*y\.pt \(OSError"):
+        train.export(str(tmp_path / "a"), str(tmp_path / "y.pt"))
+    monkeypatch.undo()
+    assert not (tmp_path / "y.pt.tmp").exists(), "the failed export left its temporary file"
     path = str(tmp_path / "new" / "released.pt")  # its folder is created
     train.export(str(tmp_path / "a"), path)
     assert "step 4, hidden 16" in capsys.readouterr().out
