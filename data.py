@@ -69,13 +69,17 @@ MAGIC = {b"\x1f\x8b": "gzip", **{b"BZh%d1AY&SY" % n: "bz2" for n in range(1, 10)
          b"PK\x03\x04": "zip", b"\x28\xb5\x2f\xfd": "zstd"}
 
 
+def _compression(raw):
+    """The compression a binary file's first bytes (peeked, not read: a pipe is read once) say, or None."""
+    return next((fmt for magic, fmt in MAGIC.items() if raw.peek(10).startswith(magic)), None)
+
+
 def _open_text(path):
     """Text of a source, decompressed by its extension; a file compressed otherwise is an error, not read as text.
     utf-8-sig drops the byte-order mark of Excel's "CSV UTF-8" (it would otherwise prefix the first column name);
     a UTF-16 byte-order mark (Excel's "Unicode text") is read as UTF-16, not as text full of NUL bytes."""
     raw = open(path, "rb")
-    head = raw.peek(10)[:10]  # peek, not read, and the decompressor wraps this handle: a pipe is read once
-    found = next((fmt for magic, fmt in MAGIC.items() if head.startswith(magic)), None)
+    found = _compression(raw)
     named, opener = DECOMPRESS.get(os.path.splitext(path)[1].lower(), (None, None))
     if found and found != named:
         raw.close()
@@ -144,7 +148,7 @@ def imdb_documents(path, parts=IMDB_PARTS):
         return
     try:
         with open(path, "rb") as raw:
-            found = next((fmt for magic, fmt in MAGIC.items() if raw.peek(10).startswith(magic)), None)
+            found = _compression(raw)
             opener = next((op for fmt, op in DECOMPRESS.values() if fmt == found), None)
             f = opener(raw, "rb") if opener else raw
             with tarfile.open(fileobj=f, mode="r|") as tf:  # stream mode: members in order, never all at once

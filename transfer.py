@@ -273,12 +273,11 @@ def fit_l2(X, y, C, init=None, tol=1e-12, max_iter=100, device="cpu"):
         step = torch.linalg.solve(Hm, g)
         dec = float(g @ step)  # Newton decrement^2: twice the predicted decrease
         t = 1.0
-        while obj(th - t * step) > f - 0.25 * t * dec and t >= 1e-8:  # Armijo step halving: plain
-            t /= 2                                                     # Newton can overshoot
+        while (fn := obj(th - t * step)) > f - 0.25 * t * dec and t >= 1e-8:  # Armijo step halving:
+            t /= 2                                                             # plain Newton can overshoot
         if t < 1e-8:  # no step lowers the objective beyond rounding: th is already the optimum
             break
-        th = th - t * step
-        f = obj(th)
+        th, f = th - t * step, fn
         if dec < tol * (1.0 + abs(float(f))):
             break
     th = th.cpu().numpy()
