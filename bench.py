@@ -260,9 +260,8 @@ def table(rows):
 
 
 def main(a):
-    device = torch.device(a.device)
-    if device.type == "cuda":  # Triton kernels and CUDA graphs run on the current device: make it this one
-        torch.cuda.set_device(device)
+    # Triton kernels and CUDA graphs run on the current device: make it this one ("cuda" is cuda:0), as train.py does
+    device = distributed.setup(a.device).device
     name = (f"{torch.cuda.get_device_name(device)}, cuDNN {torch.backends.cudnn.version()}" if device.type == "cuda"
             else f"cpu, {torch.get_num_threads()} threads")
     if any("triton" in k for k in a.only):
