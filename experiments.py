@@ -11,8 +11,8 @@ command changed is moved aside to runs/NAME.replaced-DATE and trained again).
     OMP_NUM_THREADS=1 python experiments.py --scale cpu
     OMP_NUM_THREADS=1 python experiments.py --scale cpu --only lr             # one experiment
     python experiments.py --scale cpu --dry-run                               # print the train.py commands only
-    # the GPU scale: same script, bigger flags, train.py --cuda-graph in every run (measure one run first,
-    # then size --chars to the time left)
+    # the GPU scale: same script, bigger flags, train.py --cuda-graph --triton in every run (measure one run
+    # first, then size --chars to the time left)
     python experiments.py --scale gpu --chars 2e8 --lr-chars 1e8
     # the held-out BPC of a checkpoint, as in the tables
     python experiments.py --bpc out/experiments/runs/h128_b32_t64_none-0.002_fp32_3M/ckpt.pt
@@ -62,13 +62,13 @@ SCALES = {
     "cpu": dict(hidden_sizes="64,128,256", size_batch=32, seq_len=64, chars=3e6, size_lr="none:2e-3",
                 lr_hidden=128, batches="16,64,256", lr_chars=1.5e6,
                 rules="linear:5e-4,sqrt:5e-4,none:5e-4,none:3e-3", dtypes="fp32,bf16,fp16", precision_hidden=128,
-                train_dtype="fp32", sst2_limit=0, imdb_limit=1000, device="cpu", threads=1, cuda_graph="off",
+                train_dtype="fp32", sst2_limit=0, imdb_limit=1000, device="cpu", threads=1, cuda_graph="off", triton="off",
                 eval_rows=16, eval_seq=256, eval_windows=32),
     # a starting point for one GPU: measure one run, then set --chars / --lr-chars to the time there is.
     "gpu": dict(hidden_sizes="1024,2048,4096", size_batch=128, seq_len=256, chars=1e8, size_lr="none:5e-4",
                 lr_hidden=1024, batches="128,512,2048", lr_chars=1e8,
                 rules="linear:5e-4,sqrt:5e-4,none:5e-4,none:3e-3", dtypes="fp32,fp16,bf16", precision_hidden=2048,
-                train_dtype="bf16", sst2_limit=0, imdb_limit=0, device="cuda", threads=0, cuda_graph="on",
+                train_dtype="bf16", sst2_limit=0, imdb_limit=0, device="cuda", threads=0, cuda_graph="on", triton="on",
                 eval_rows=64, eval_seq=256, eval_windows=64),
 }
 RULE_NAMES = {"none": "fixed", "linear": "linear", "sqrt": "sqrt"}
@@ -224,7 +224,7 @@ class Run:
                      "--lr", f"{lr:g}", "--lr-rule", rule, "--dtype", dtype, "--device", a.device, "--seed", a.seed,
                      "--log-every", log_every, "--save-every", log_every * (self.iters // log_every + 1),
                      "--eval-every", self.iters, "--eval-iters", max(1, 2**16 // (batch * a.seq_len)),
-                     "--sample-chars", 0] + (["--cuda-graph"] if a.cuda_graph else [])
+                     "--sample-chars", 0] + (["--cuda-graph"] if a.cuda_graph else []) + (["--triton"] if a.triton else [])
         if a.nproc > 1:
             self.argv = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}", *self.argv]
         self.ckpt = os.path.join(self.dir, "ckpt.pt")
@@ -615,6 +615,7 @@ def parse_args(argv=None):
     p.add_argument("--imdb-limit", type=int, help="transfer.py --limit for IMDB (0: all)")
     p.add_argument("--device", help="train.py / transfer.py --device")
     p.add_argument("--cuda-graph", choices=("on", "off"), help="train.py --cuda-graph in every run (on: CUDA only)")
+    p.add_argument("--triton", choices=("on", "off"), help="train.py --triton in every run (on: CUDA only)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of every run (0: leave as is)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun) for the GPU scale")
     p.add_argument("--seed", type=int, default=1, help="train.py --seed")
@@ -631,9 +632,10 @@ def parse_args(argv=None):
         if getattr(a, k) is None:
             setattr(a, k, v)
     a.only = csv_list(a.only)
-    a.cuda_graph = a.cuda_graph == "on"
-    if a.cuda_graph and not a.device.startswith("cuda"):
-        p.error(f"--cuda-graph on needs --device cuda, not {a.device}")
+    a.cuda_graph, a.triton = a.cuda_graph == "on", a.triton == "on"
+    for flag, on in (("--cuda-graph", a.cuda_graph), ("--triton", a.triton)):
+        if on and not a.device.startswith("cuda"):
+            p.error(f"{flag} on needs --device cuda, not {a.device}")
     bad = set(a.only) - {"size", "lr", "precision"}
     if bad:
         p.error(f"--only: unknown experiment(s) {sorted(bad)} (size, lr, precision)")

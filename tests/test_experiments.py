@@ -198,16 +198,17 @@ def test_the_plan_gives_each_rule_batch_and_dtype_its_command_and_the_same_chara
         {("precision", 8, "none", 2e-3, d) for d in ("fp32", "bf16")}, seen
 
 
-def test_gpu_scale_trains_with_cuda_graphs_and_cpu_scale_cannot(capsys):
+@pytest.mark.parametrize("flag", ["--cuda-graph", "--triton"])
+def test_gpu_scale_trains_with_the_fast_paths_and_cpu_scale_cannot(capsys, flag):
     def argv(*flags):
         return experiments.plan(experiments.parse_args(["--only", "lr", *flags]))[0].values()
 
-    assert all("--cuda-graph" in r.argv for r in argv("--scale", "gpu"))
-    assert not any("--cuda-graph" in r.argv for r in argv("--scale", "gpu", "--cuda-graph", "off"))
-    assert not any("--cuda-graph" in r.argv for r in argv("--scale", "cpu"))
+    assert all(flag in r.argv for r in argv("--scale", "gpu"))
+    assert not any(flag in r.argv for r in argv("--scale", "gpu", flag, "off"))
+    assert not any(flag in r.argv for r in argv("--scale", "cpu"))
     with pytest.raises(SystemExit):
-        experiments.parse_args(["--scale", "cpu", "--cuda-graph", "on"])
-    assert "--cuda-graph on needs --device cuda" in capsys.readouterr().err
+        experiments.parse_args(["--scale", "cpu", flag, "on"])
+    assert f"{flag} on needs --device cuda" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [
