@@ -206,7 +206,7 @@ def measure(kind, hidden, batch, seq_len, dtype="fp32", device="cpu", steps=10, 
             model.recompute = segment
         mp = fp16.MixedPrecision(model, dtype)
         if kind == "lstm":  # the dtype conversion left cuDNN's weights in pieces: one buffer again, not a copy per call
-            model.lstm.flatten_parameters()
+            model.lstm.flatten_parameters()  # (torch skips this for bf16, then warns and compacts in every call)
         opt = mp.optimizer(1e-4)
         x, y = torch.randint(0, 256, (2, batch, seq_len), device=device)
         shape = (1, batch, hidden) if kind == "lstm" else (batch, hidden)
