@@ -36,6 +36,16 @@ def test_rows_have_every_field_and_ratios(tmp_path, capsys):
     assert lstm["ours_over_row_flops"] == pytest.approx(rows[0]["tflops"] / lstm["tflops"])
 
 
+def test_the_cuda_device_is_pinned_to_an_index_as_set_device_needs():
+    """bench.py --device cuda once failed on the GPU in torch.cuda.set_device, which takes no index-less device.
+    Checked without a GPU with the index lookup set_device starts with."""
+    index = torch.cuda._utils._get_device_index
+    with pytest.raises(ValueError):
+        index(torch.device("cuda"))
+    assert index(bench.pinned("cuda")) == 0 and index(bench.pinned("cuda:1")) == 1
+    assert bench.pinned("cpu") == torch.device("cpu")
+
+
 def test_a_row_out_of_memory_is_reported_not_raised(monkeypatch):
     def oom(*args):
         raise torch.OutOfMemoryError("CUDA out of memory")
