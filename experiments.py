@@ -614,8 +614,10 @@ def parse_args(argv=None):
     p.add_argument("--sst2-limit", type=int, help="transfer.py --limit for SST-2 (0: all)")
     p.add_argument("--imdb-limit", type=int, help="transfer.py --limit for IMDB (0: all)")
     p.add_argument("--device", help="train.py / transfer.py --device")
-    p.add_argument("--cuda-graph", choices=("on", "off"), help="train.py --cuda-graph in every run (on: CUDA only)")
-    p.add_argument("--triton", choices=("on", "off"), help="train.py --triton in every run (on: CUDA only)")
+    p.add_argument("--cuda-graph", choices=("on", "off"), help="train.py --cuda-graph in every run (on: CUDA only; "
+                   "default: the scale's, off on a CPU or with --nproc > 1, where it has not run)")
+    p.add_argument("--triton", choices=("on", "off"), help="train.py --triton in every run (on: CUDA only; "
+                   "default: as --cuda-graph)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of every run (0: leave as is)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun) for the GPU scale")
     p.add_argument("--seed", type=int, default=1, help="train.py --seed")
@@ -628,9 +630,13 @@ def parse_args(argv=None):
                         "commands depend on the runs: they are in results.md)")
     p.add_argument("--bpc", metavar="CKPT", help="only print the held-out BPC of this checkpoint (JSON)")
     a = p.parse_args(argv)
+    given = {k for k in ("cuda_graph", "triton") if getattr(a, k) is not None}
     for k, v in SCALES[a.scale].items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    for k in {"cuda_graph", "triton"} - given:  # the fast paths are tested on one GPU only: not by default elsewhere
+        if not a.device.startswith("cuda") or a.nproc > 1:
+            setattr(a, k, "off")
     a.only = csv_list(a.only)
     a.cuda_graph, a.triton = a.cuda_graph == "on", a.triton == "on"
     for flag, on in (("--cuda-graph", a.cuda_graph), ("--triton", a.triton)):

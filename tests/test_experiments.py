@@ -206,6 +206,10 @@ def test_gpu_scale_trains_with_the_fast_paths_and_cpu_scale_cannot(capsys, flag)
     assert all(flag in r.argv for r in argv("--scale", "gpu"))
     assert not any(flag in r.argv for r in argv("--scale", "gpu", flag, "off"))
     assert not any(flag in r.argv for r in argv("--scale", "cpu"))
+    # the GPU preset on a CPU, or under torchrun, where the fast paths have not run: off unless asked for
+    assert not any(flag in r.argv for r in argv("--scale", "gpu", "--device", "cpu"))
+    assert not any(flag in r.argv for r in argv("--scale", "gpu", "--nproc", "2"))
+    assert all(flag in r.argv for r in argv("--scale", "gpu", "--nproc", "2", flag, "on"))
     with pytest.raises(SystemExit):
         experiments.parse_args(["--scale", "cpu", flag, "on"])
     assert f"{flag} on needs --device cuda" in capsys.readouterr().err
