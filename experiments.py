@@ -23,7 +23,7 @@ Experiments (flags; `--scale` fills in the ones not given):
              at --lr-hidden, one --lr-chars budget (the same epochs); 'Div' when train.py detects divergence.
   precision  --dtypes at --precision-hidden, --size-batch and --chars: BPC and wall time.
 Runs with identical settings are shared: a size run at hidden --precision-hidden is precision's --train-dtype
-row (fp32 at --scale cpu, bf16 at --scale gpu).
+row (fp32 at --scale cpu, bf16 at --scale gpu), and at batch 128 the rules with one base lr are one run.
 
 Held-out BPC: the checkpoint's fp32 weights on the corpus' test split, --eval-rows streams x --eval-windows
 windows of --eval-seq bytes, state carried: the same text for every run (train.py's own val/test BPC reads
@@ -229,6 +229,7 @@ class Run:
             self.argv = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}", *self.argv]
         self.ckpt = os.path.join(self.dir, "ckpt.pt")
         self.tasks = []  # transfer tasks wanted by the experiments using this run
+        self.rules = []  # the lr experiment's (RULE, BASE_LR) items this run stands for
 
     def peak_lr(self):
         return train.scaled_lr(self.lr, self.rule, self.batch)
@@ -243,6 +244,7 @@ def plan(a):
         r = runs.setdefault(r.name, r)
         r.tasks += [t for t in tasks if t not in r.tasks]
         exps.setdefault(exp, []).append(r)
+        return r
 
     size_rule, size_lr = a.size_lr
     for exp in a.only:
@@ -252,7 +254,11 @@ def plan(a):
         elif exp == "lr":
             for rule, lr in a.rules:
                 for b in a.batches:
-                    get("lr", a.lr_tasks, a.lr_hidden, b, a.lr_chars, rule, lr, a.train_dtype)
+                    # at the base batch every rule is the base lr: one run for them all (exps["lr"] holds it
+                    # once per rule, in the order rules x batches)
+                    same = train.scaled_lr(lr, rule, b) == lr
+                    r = get("lr", a.lr_tasks, a.lr_hidden, b, a.lr_chars, "none" if same else rule, lr, a.train_dtype)
+                    r.rules.append((rule, lr))
         elif exp == "precision":
             for d in a.dtypes:
                 get("precision", [], a.precision_hidden, a.size_batch, a.chars, size_rule, size_lr, d)
@@ -504,7 +510,7 @@ def tables(a, exps, recs, meta):
                               cmd_cell(x)]))
         md += [""] + baselines_md(a, tags) + code_note(runs) + [""]
     if "lr" in exps:
-        runs = [recs[r.name] for r in exps["lr"]]
+        runs = [recs[r.name] for r in dict.fromkeys(exps["lr"])]
         tags = task_tags(a, a.lr_tasks)
         md += ["## 2. Learning-rate rules at growing batch", "",
                f"Hidden {a.lr_hidden}, sequence {a.seq_len}, the same {mchars(a.lr_chars)} characters "
@@ -515,10 +521,11 @@ def tables(a, exps, recs, meta):
                + "; **Div**: train.py stopped the run as diverged. Commands in the detail table below.", "",
                "| rule | " + " | ".join(f"batch {b}" for b in a.batches) + " |",
                "|---|" + "---:|" * len(a.batches)]
+        grid = lr_grid(a, exps)
         for rule, lr in a.rules:
             cells = []
             for b in a.batches:
-                x = next(x for x in runs if x["batch"] == b and x["rule"] == rule and x["base_lr"] == lr)
+                x = recs[grid[rule, lr, b].name]
                 c = bpc_cell(x)
                 if x["status"] == "ok" and tags and x["transfer"].get(tags[0]):
                     c += f" / {pct(x['transfer'][tags[0]]['test_acc'])}"
@@ -527,8 +534,10 @@ def tables(a, exps, recs, meta):
         md += ["", md_row(["batch", "rule", "peak lr", "steps", "train BPC (last log)", "held-out BPC",
                            *acc_titles(tags), "wall s", "commands"]),
                "|---:|---|---:|---:|---:|---:|" + "---:|" * len(tags) + "---:|---|"]
-        for x in sorted(runs, key=lambda x: (x["batch"], a.rules.index((x["rule"], x["base_lr"])))):
-            md.append(md_row([x["batch"], rule_label(x["rule"], x["base_lr"]), f"{x['peak_lr']:.3g}", x["iters"],
+        for r in sorted(dict.fromkeys(exps["lr"]), key=lambda r: (r.batch, a.rules.index(r.rules[0]))):
+            x = recs[r.name]
+            md.append(md_row([x["batch"], " = ".join(rule_label(*k) for k in dict.fromkeys(r.rules)),
+                              f"{x['peak_lr']:.3g}", x["iters"],
                               bpc_cell(x, "train_bpc"), bpc_cell(x), *(acc_cell(x, t) for t in tags),
                               f"{x['train_wall_s'] or 0:.0f}", cmd_cell(x)]))
         md += [""] + baselines_md(a, tags) + code_note(runs) + ["", meta.get("plot_note", ""), ""]
@@ -548,6 +557,11 @@ def tables(a, exps, recs, meta):
     return "\n".join(md) + "\n"
 
 
+def lr_grid(a, exps):
+    """{(RULE, BASE_LR, batch): Run} of the lr experiment, from plan's order (rules x batches)."""
+    return dict(zip([(rule, lr, b) for rule, lr in a.rules for b in a.batches], exps["lr"]))
+
+
 def plot_lr(a, exps, recs, path):
     """lr_rules.png: training BPC against characters seen, one panel per batch, one line per rule."""
     try:
@@ -557,10 +571,10 @@ def plot_lr(a, exps, recs, path):
     except ImportError:
         return "(lr_rules.png skipped: matplotlib is not installed; `pip install matplotlib` to draw it)"
     fig, axes = plt.subplots(1, len(a.batches), figsize=(4.2 * len(a.batches), 3.6), sharey=True, squeeze=False)
-    top = 0.0
+    top, grid = 0.0, lr_grid(a, exps)
     for ax, b in zip(axes[0], a.batches):
         for rule, lr in a.rules:
-            x = next(recs[r.name] for r in exps["lr"] if r.batch == b and r.rule == rule and r.lr == lr)
+            x = recs[grid[rule, lr, b].name]
             c = x["curve"]
             label = rule_label(rule, lr) + (" (Div)" if x["status"] == "div" else "")
             if c:
@@ -693,7 +707,7 @@ def main(argv=None):
     if a.dry_run:
         for exp, rs in exps.items():
             print(f"# {exp}")
-            for r in rs:
+            for r in dict.fromkeys(rs):  # a run shared by rules once
                 print(command(r.argv, a))
         return None
     t_start = time.time()

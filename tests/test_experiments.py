@@ -375,3 +375,36 @@ def test_tables_without_transfer_tasks_keep_their_columns(tmp_path):
             for name, r in runs.items()}
     md = experiments.tables(a, exps, recs, dict(corpus="c", train_bytes=10**6, test_bytes=10**4, torch="t"))
     assert assert_tables_aligned(md) == 4, md  # size, lr summary, lr detail, precision
+
+
+def test_rules_at_the_base_batch_share_one_run_and_every_table_cell_keeps_its_rule(tmp_path, capsys):
+    """At batch 128 linear, sqrt and fixed with one base lr are the same training run: trained once, shown in
+    every rule's cell. Records faked per run, so that a cell showing another run's number is seen."""
+    rules = "linear:1e-3,sqrt:1e-3,none:1e-3,none:3e-3"
+    a = experiments.parse_args(["--only", "lr", "--out", str(tmp_path / "out"), "--lr-tasks", "", "--batches",
+                                "128,512", "--rules", rules])
+    a.train_bytes = 10**6
+    runs, exps = experiments.plan(a)
+    names = sorted(runs)
+    assert len(names) == 2 + 4 and len(exps["lr"]) == 8, names  # b128: 1e-3 and 3e-3; b512: four rates
+    shared = [r for r in runs.values() if r.batch == 128 and r.lr == 1e-3]
+    assert len(shared) == 1 and shared[0].rule == "none" and len(shared[0].rules) == 3, [r.name for r in shared]
+    recs = {}
+    for k, (name, r) in enumerate(sorted(runs.items())):
+        recs[name] = experiments.collect(r, a, dict(status="ok", command="python train.py"), None, {})
+        recs[name]["heldout_bpc"] = 1 + k / 10  # a number per run
+    md = experiments.tables(a, exps, recs, dict(corpus="c", train_bytes=10**6, test_bytes=10**4, torch="t"))
+    assert assert_tables_aligned(md) == 2, md  # lr summary and detail
+    lr = table_rows(md, "## 2. Learning-rate rules at growing batch")
+    want = {name: f"{recs[name]['heldout_bpc']:.3f}" for name in names}
+    for rule, lr_ in [(x.split(":")[0], float(x.split(":")[1])) for x in rules.split(",")]:
+        cells = row(lr, experiments.rule_label(rule, lr_))[1:]
+        grid = experiments.lr_grid(a, exps)
+        assert cells == [want[grid[rule, lr_, b].name] for b in (128, 512)], f"{rule}:{lr_} cells {cells}"
+    shared_row = row(lr, "128", "linear (0.001 at 128) = sqrt (0.001 at 128) = fixed 0.001")
+    assert shared_row[5] == want[shared[0].name], shared_row
+    assert len([r for r in lr if r[0] in ("128", "512")]) == 6, lr  # one detail row per training run
+    experiments.main(["--only", "lr", "--out", str(tmp_path / "out"), "--batches", "128,512", "--rules", rules,
+                      "--dry-run"])
+    printed = [line for line in capsys.readouterr().out.splitlines() if "train.py --data" in line]
+    assert len(printed) == 6 and len(set(printed)) == 6, printed
