@@ -239,8 +239,10 @@ def plan(a):
     """{experiment: [Run]} for the experiments in --only; identical configurations are one Run object."""
     runs, exps = {}, {}
 
-    def get(exp, tasks, *key):
-        r = Run(a, *key)
+    def get(exp, tasks, hidden, batch, chars, rule, lr, dtype):
+        if train.scaled_lr(lr, rule, batch) == lr:  # at batch 128 every rule is its base lr: one run for all
+            rule = "none"
+        r = Run(a, hidden, batch, chars, rule, lr, dtype)
         r = runs.setdefault(r.name, r)
         r.tasks += [t for t in tasks if t not in r.tasks]
         exps.setdefault(exp, []).append(r)
@@ -254,10 +256,8 @@ def plan(a):
         elif exp == "lr":
             for rule, lr in a.rules:
                 for b in a.batches:
-                    # at the base batch every rule is the base lr: one run for them all (exps["lr"] holds it
-                    # once per rule, in the order rules x batches)
-                    same = train.scaled_lr(lr, rule, b) == lr
-                    r = get("lr", a.lr_tasks, a.lr_hidden, b, a.lr_chars, "none" if same else rule, lr, a.train_dtype)
+                    # exps["lr"] in the order rules x batches, a run shared by rules once per rule (lr_grid)
+                    r = get("lr", a.lr_tasks, a.lr_hidden, b, a.lr_chars, rule, lr, a.train_dtype)
                     r.rules.append((rule, lr))
         elif exp == "precision":
             for d in a.dtypes:

@@ -404,6 +404,12 @@ def test_rules_at_the_base_batch_share_one_run_and_every_table_cell_keeps_its_ru
     shared_row = row(lr, "128", "linear (0.001 at 128) = sqrt (0.001 at 128) = fixed 0.001")
     assert shared_row[5] == want[shared[0].name], shared_row
     assert len([r for r in lr if r[0] in ("128", "512")]) == 6, lr  # one detail row per training run
+    # a size run at batch 128 is the lr run of any rule with its lr there too
+    a = experiments.parse_args(["--only", "size,lr", "--out", str(tmp_path / "out"), "--size-tasks", "", "--lr-tasks",
+                                "", "--hidden-sizes", "128", "--lr-hidden", "128", "--size-batch", "128", "--batches",
+                                "128", "--chars", "1e6", "--lr-chars", "1e6", "--size-lr", "linear:1e-3", "--rules",
+                                "sqrt:1e-3"])
+    assert len(experiments.plan(a)[0]) == 1, sorted(experiments.plan(a)[0])
     experiments.main(["--only", "lr", "--out", str(tmp_path / "out"), "--batches", "128,512", "--rules", rules,
                       "--dry-run"])
     printed = [line for line in capsys.readouterr().out.splitlines() if "train.py --data" in line]
