@@ -259,14 +259,8 @@ def table(rows):
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
 
 
-def pinned(device):
-    """torch.device(device) with an index for CUDA ("cuda" is cuda:0): torch.cuda.set_device takes no other."""
-    device = torch.device(device)
-    return torch.device("cuda", device.index or 0) if device.type == "cuda" else device
-
-
 def main(a):
-    device = pinned(a.device)
+    device = distributed.pinned(a.device)
     if device.type == "cuda":  # Triton kernels and CUDA graphs run on the current device: make it this one
         torch.cuda.set_device(device)
     name = (f"{torch.cuda.get_device_name(device)}, cuDNN {torch.backends.cudnn.version()}" if device.type == "cuda"

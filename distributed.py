@@ -37,9 +37,7 @@ def setup(device="auto", timeout_s=600):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+    device = pinned(device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -47,6 +45,12 @@ def setup(device="auto", timeout_s=600):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, world, local_rank, device)
+
+
+def pinned(device, index=0):
+    """torch.device(device), a CUDA one with an index ("cuda" is cuda:`index`): torch.cuda.set_device takes no other."""
+    device = torch.device(device)
+    return torch.device("cuda", index) if device.type == "cuda" and device.index is None else device
 
 
 def device_problem(device, names=("cpu", "cuda")):

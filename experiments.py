@@ -62,14 +62,14 @@ SCALES = {
     "cpu": dict(hidden_sizes="64,128,256", size_batch=32, seq_len=64, chars=3e6, size_lr="none:2e-3",
                 lr_hidden=128, batches="16,64,256", lr_chars=1.5e6,
                 rules="linear:5e-4,sqrt:5e-4,none:5e-4,none:3e-3", dtypes="fp32,bf16,fp16", precision_hidden=128,
-                train_dtype="fp32", sst2_limit=0, imdb_limit=1000, device="cpu", threads=1, cuda_graph="off", triton="off",
-                eval_rows=16, eval_seq=256, eval_windows=32),
+                train_dtype="fp32", sst2_limit=0, imdb_limit=1000, device="cpu", threads=1, cuda_graph="off",
+                triton="off", eval_rows=16, eval_seq=256, eval_windows=32),
     # a starting point for one GPU: measure one run, then set --chars / --lr-chars to the time there is.
     "gpu": dict(hidden_sizes="1024,2048,4096", size_batch=128, seq_len=256, chars=1e8, size_lr="none:5e-4",
                 lr_hidden=1024, batches="128,512,2048", lr_chars=1e8,
                 rules="linear:5e-4,sqrt:5e-4,none:5e-4,none:3e-3", dtypes="fp32,fp16,bf16", precision_hidden=2048,
-                train_dtype="bf16", sst2_limit=0, imdb_limit=0, device="cuda", threads=0, cuda_graph="on", triton="on",
-                eval_rows=64, eval_seq=256, eval_windows=64),
+                train_dtype="bf16", sst2_limit=0, imdb_limit=0, device="cuda", threads=0, cuda_graph="on",
+                triton="on", eval_rows=64, eval_seq=256, eval_windows=64),
 }
 RULE_NAMES = {"none": "fixed", "linear": "linear", "sqrt": "sqrt"}
 
@@ -224,7 +224,8 @@ class Run:
                      "--lr", f"{lr:g}", "--lr-rule", rule, "--dtype", dtype, "--device", a.device, "--seed", a.seed,
                      "--log-every", log_every, "--save-every", log_every * (self.iters // log_every + 1),
                      "--eval-every", self.iters, "--eval-iters", max(1, 2**16 // (batch * a.seq_len)),
-                     "--sample-chars", 0] + (["--cuda-graph"] if a.cuda_graph else []) + (["--triton"] if a.triton else [])
+                     "--sample-chars", 0]
+        self.argv += (["--cuda-graph"] if a.cuda_graph else []) + (["--triton"] if a.triton else [])
         if a.nproc > 1:
             self.argv = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}", *self.argv]
         self.ckpt = os.path.join(self.dir, "ckpt.pt")
@@ -510,7 +511,8 @@ def tables(a, exps, recs, meta):
                               cmd_cell(x)]))
         md += [""] + baselines_md(a, tags) + code_note(runs) + [""]
     if "lr" in exps:
-        runs = [recs[r.name] for r in dict.fromkeys(exps["lr"])]
+        shared = list(dict.fromkeys(exps["lr"]))  # each training run once
+        runs = [recs[r.name] for r in shared]
         tags = task_tags(a, a.lr_tasks)
         md += ["## 2. Learning-rate rules at growing batch", "",
                f"Hidden {a.lr_hidden}, sequence {a.seq_len}, the same {mchars(a.lr_chars)} characters "
@@ -534,7 +536,7 @@ def tables(a, exps, recs, meta):
         md += ["", md_row(["batch", "rule", "peak lr", "steps", "train BPC (last log)", "held-out BPC",
                            *acc_titles(tags), "wall s", "commands"]),
                "|---:|---|---:|---:|---:|---:|" + "---:|" * len(tags) + "---:|---|"]
-        for r in sorted(dict.fromkeys(exps["lr"]), key=lambda r: (r.batch, a.rules.index(r.rules[0]))):
+        for r in sorted(shared, key=lambda r: (r.batch, a.rules.index(r.rules[0]))):
             x = recs[r.name]
             md.append(md_row([x["batch"], " = ".join(rule_label(*k) for k in dict.fromkeys(r.rules)),
                               f"{x['peak_lr']:.3g}", x["iters"],

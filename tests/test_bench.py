@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import distributed
 from mlstm import MLSTM, loss_fn
 
 B, T, H = 3, 5, 8
@@ -42,8 +43,8 @@ def test_the_cuda_device_is_pinned_to_an_index_as_set_device_needs():
     index = torch.cuda._utils._get_device_index
     with pytest.raises(ValueError):
         index(torch.device("cuda"))
-    assert index(bench.pinned("cuda")) == 0 and index(bench.pinned("cuda:1")) == 1
-    assert bench.pinned("cpu") == torch.device("cpu")
+    assert index(distributed.pinned("cuda")) == 0 and index(distributed.pinned("cuda:1")) == 1
+    assert distributed.pinned("cpu") == torch.device("cpu")
 
 
 def test_a_row_out_of_memory_is_reported_not_raised(monkeypatch):
