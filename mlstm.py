@@ -174,7 +174,10 @@ class Recurrence(torch.autograd.Function):
 def input_products(e, wx, b, wmx):
     """W_mx x_t and W_x x_t + b of every timestep in two large matmuls, outside the time loop:
     e [T, B, E] -> xm [T, B, H], xz [T, B, 4H]."""
-    return e @ wmx, e @ wx + b
+    T, B, E = e.shape
+    e = e.reshape(T * B, E)  # [T*B, E]
+    # + b inside the GEMM (addmm): as a separate add it would read and write the whole [T*B, 4H] window once more
+    return (e @ wmx).view(T, B, -1), torch.addmm(b, e, wx).view(T, B, -1)
 
 
 def recurrence(e, wx, b, wmx, wh, wmh, h0, c0, fused=False):
