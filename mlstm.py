@@ -177,7 +177,7 @@ def input_products(e, wx, b, wmx):
     T, B, E = e.shape
     e = e.reshape(T * B, E)  # [T*B, E]
     # + b inside the GEMM (addmm): as a separate add it would read and write the whole [T*B, 4H] window once more
-    return (e @ wmx).view(T, B, -1), torch.addmm(b, e, wx).view(T, B, -1)
+    return (e @ wmx).view(T, B, -1), torch.addmm(b, e, wx).view(T, B, -1)  # [T, B, H], [T, B, 4H]
 
 
 def recurrence(e, wx, b, wmx, wh, wmh, h0, c0, fused=False):

@@ -428,7 +428,8 @@ def test_ctrl_c_exits_with_one_line_and_keeps_the_previous_corpus(tmp_path):
     (tmp_path / "old.txt").write_text("old review\n" * 20)
     assert cli("old.txt", "--out", "out", cwd=tmp_path).returncode == 0
     os.mkfifo(tmp_path / "pipe.txt")
-    # preexec_fn: a terminal's ctrl-C, even when the tests run in the background (`make test &` ignores SIGINT)
+    # preexec_fn: a terminal's ctrl-C, also when a script runs the tests in the background (`make test &`
+    # in a non-interactive shell makes every child ignore SIGINT)
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "data.py"), "pipe.txt", "--out", "out"], cwd=tmp_path,
                          stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

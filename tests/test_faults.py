@@ -419,8 +419,8 @@ def test_fp16_loss_scale_stuck_at_its_floor_is_divergence(tmp_path, monkeypatch,
 
 def test_ctrl_c_during_training_is_one_line_and_the_run_resumes(tmp_path, straight):
     out = tmp_path / "run"
-    # preexec_fn: a terminal's ctrl-C, even when the tests run in the background (`make test &`), where the
-    # shell makes every child ignore SIGINT and the run would finish uninterrupted.
+    # preexec_fn: a terminal's ctrl-C, also when a script runs the tests in the background (`make test &` in a
+    # non-interactive shell makes every child ignore SIGINT, and the run would finish uninterrupted)
     p = subprocess.Popen([PY, wrapper(tmp_path, step_s=1), *flags(tmp_path, "run", "--iters", "8")], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
