@@ -114,9 +114,14 @@ def _lines(f, skip, limit=None):
         yield lineno, line
 
 
+def inner_name(path):
+    """path lower-cased (R.CSV is a CSV) and without a .gz/.bz2/.xz suffix: the name that tells the format."""
+    base, ext = os.path.splitext(path.lower())
+    return base if ext in DECOMPRESS else path.lower()
+
+
 def _kind(path):
-    base, ext = os.path.splitext(path.lower())  # R.CSV is a CSV
-    name = base if ext in DECOMPRESS else path.lower()
+    name = inner_name(path)
     if os.path.isdir(path) or name.endswith((".tar", ".tgz")) or ".tar." in os.path.basename(name):
         return "imdb"  # a .tar.lz4 too: its error says it is not a tarball read here, rather than reading bytes
     for ext, kind in ((".jsonl", "json"), (".json", "json"), (".csv", "csv"), (".tsv", "tsv")):

@@ -521,7 +521,7 @@ def tables(a, exps, recs, meta):
                f"`--lr-rule`. Cells: held-out BPC"
                + (f" / {tag_title(tags[0])} accuracy all units" if tags else "")
                + "; **Div**: train.py stopped the run as diverged. Commands in the detail table below.", "",
-               "| rule | " + " | ".join(f"batch {b}" for b in a.batches) + " |",
+               md_row(["rule", *(f"batch {b}" for b in a.batches)]),
                "|---|" + "---:|" * len(a.batches)]
         grid = lr_grid(a, exps)
         for rule, lr in a.rules:
@@ -532,7 +532,7 @@ def tables(a, exps, recs, meta):
                 if x["status"] == "ok" and tags and x["transfer"].get(tags[0]):
                     c += f" / {pct(x['transfer'][tags[0]]['test_acc'])}"
                 cells.append(c)
-            md.append(f"| {rule_label(rule, lr)} | " + " | ".join(cells) + " |")
+            md.append(md_row([rule_label(rule, lr), *cells]))
         md += ["", md_row(["batch", "rule", "peak lr", "steps", "train BPC (last log)", "held-out BPC",
                            *acc_titles(tags), "wall s", "commands"]),
                "|---:|---|---:|---:|---:|---:|" + "---:|" * len(tags) + "---:|---|"]
@@ -553,8 +553,9 @@ def tables(a, exps, recs, meta):
                "| dtype | steps | train BPC (last log) | held-out BPC | wall s | chars/s | commands |",
                "|---|---:|---:|---:|---:|---:|---|"]
         for x in runs:
-            md.append(f"| {x['dtype']} | {x['iters']} | {bpc_cell(x, 'train_bpc')} | {bpc_cell(x)} | "
-                      f"{x['train_wall_s'] or 0:.0f} | {(x['chars_per_s'] or 0):,.0f} | {cmd_cell(x, ('train', 'bpc'))} |")
+            md.append(md_row([x["dtype"], x["iters"], bpc_cell(x, "train_bpc"), bpc_cell(x),
+                              f"{x['train_wall_s'] or 0:.0f}", f"{(x['chars_per_s'] or 0):,.0f}",
+                              cmd_cell(x, ("train", "bpc"))]))
         md += [""] + code_note(runs) + [""]
     return "\n".join(md) + "\n"
 

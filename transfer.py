@@ -70,8 +70,7 @@ def _json_row(path, n, line):
 
 def read_labeled(path, text_column="text", label_column="label"):
     """(texts, labels int64 array) from a .csv / .tsv / .json(l) file (optionally .gz/.bz2/.xz) with named columns."""
-    base, ext = os.path.splitext(path.lower())
-    ext = os.path.splitext(base if ext in data.DECOMPRESS else path.lower())[1]
+    ext = os.path.splitext(data.inner_name(path))[1]
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     if ext not in (".csv", ".tsv", ".jsonl", ".json"):
