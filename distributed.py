@@ -53,25 +53,6 @@ def pinned(device, index=0):
     return torch.device("cuda", index) if device.type == "cuda" and device.index is None else device
 
 
-def device_problem(device, names=("cpu", "cuda")):
-    """Why the --device string `device` cannot be used on this machine, as a message, or None. `names`: the
-    device types the caller takes (cuda:N always included), as its message lists them."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:  # "gpu", "auto"
-        dev = None
-    if dev is None or dev.type not in names:
-        return f"--device {device}: expected {', '.join(names)} or cuda:N"
-    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
-        return f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} visible)"
-    return None
-
-
-def out_of_memory(e):
-    """Whether exception e is a failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
-    return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(e)
-
-
 def broadcast_params(model):
     """Make every replica start from rank 0's weights."""
     if dist.is_initialized():

@@ -5,171 +5,45 @@ Radford et al. 2017 (arXiv 1704.01444) sections 3.1-3.2 and Puri et al. 2018 (ar
 learning": each text is normalised (data.normalize, the pretraining corpus' function) and read byte by byte;
 its feature is the mLSTM cell state after the last byte (--feature hidden: the hidden state; mean: the cell
 state averaged over time). A logistic regression on the standardised features (bias unpenalised) is fitted
-  - L2: Newton's method / IRLS, each step one weighted least-squares solve, exact optimum in a few steps;
-  - L1 (the reference's choice): FISTA (accelerated proximal gradient, step 1/Lipschitz, adaptive restart).
-Objective, sklearn's convention divided by C: sum_i logloss_i + ||w||^2 / (2C)  (L2)  or  + ||w||_1 / C  (L1).
-C is picked on validation over 2^-8 ... 2^2 (ties: the smaller C) and reported on test. The sentiment
-neuron is the unit with the largest |weight| under L1; it is also scored alone (one threshold fitted on
-train). Baseline: the same classifier on bag-of-words counts of the same splits.
+with an L1 penalty (the reference's choice) and with L2 (fast/logistic.py), its C picked on validation over
+2^-8 ... 2^2 (ties: the smaller C) and reported on test. The sentiment neuron is the unit with the largest
+|weight| under L1; it is also scored alone (one threshold fitted on train). Baseline: the same classifier on
+bag-of-words counts of the same splits.
 
-    python transfer.py --task sst2 --data-dir /work/shared/data/sst2   # the released model (models/), the default
-    python transfer.py --checkpoint CKPT --task sst2 --data-dir /work/shared/data/sst2
-    python transfer.py --checkpoint CKPT --task imdb --data-dir /work/shared/data/imdb [--limit 2000]
+    python transfer.py --task sst2 --data-dir ../shared/data/sst2   # the released model (models/), the default
+    python transfer.py --checkpoint CKPT --task sst2 --data-dir ../shared/data/sst2
+    python transfer.py --checkpoint CKPT --task imdb --data-dir ../shared/data/imdb [--limit 2000]
     python transfer.py --checkpoint CKPT --train a.csv [--val b.csv] --test c.jsonl \\
         --text-column text --label-column label
     options: --feature cell|hidden|mean  --penalty l1|l2  --json results.json  --out DIR  --cache-dir DIR
              --device cuda|cpu  --dtype fp32|fp16|bf16  --batch-size 64  --chunk 256
 
-Features are cached as .npy in --cache-dir (default CKPT_DIR/features/, safe to delete), keyed by the
-checkpoint's path, size and mtime, the texts' content and the feature options. Writes to --out (default
-CKPT_DIR/transfer-TASK/): results.json, heatmap.html (the neuron per byte), histogram.txt (+ .png).
+Features are cached as .npy in --cache-dir (default CKPT_DIR/features/, safe to delete; plumbing/feature_cache.py).
+Writes to --out (default CKPT_DIR/transfer-TASK/): results.json, heatmap.html (the neuron per byte),
+histogram.txt (+ .png). The labelled-file readers are plumbing/labeled.py.
 """
-import argparse, codecs, csv, hashlib, html, json, os, re, sys, time, warnings
+import argparse
+import json
+import os
+import re
+import time
 from collections import Counter
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import data
-import distributed
 import mlstm
-from data import DataError
+from fast.logistic import fit_l1, fit_l2
+from plumbing import cli, feature_cache, labeled
+from plumbing.checkpoints import RELEASED, load_pretrained
+from plumbing.reports import heatmap_html, histogram_png, histogram_text, write_file
 
 FEATURES = ("cell", "hidden", "mean")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # --device types: cpu, cuda, and Apple's GPU where there is one (inference only; untested here)
 DEVICES = ("cpu", "cuda") + (("mps",) if torch.backends.mps.is_available() else ())
 GRID = [2.0 ** k for k in range(-8, 3)]  # C = 2^-8 ... 2^2
-LABELS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "neg": 0, "pos": 1, "negative": 0, "positive": 1,
-          "false": 0, "true": 1}
-
-# ---------------------------------------------------------------- datasets: split -> (texts, labels)
-
-
-def _label(value, where):
-    key = str(value).strip().lower() if not isinstance(value, bool) else str(value).lower()
-    if key not in LABELS:
-        raise DataError(f"{where}: label {value!r} is not binary (expected 0/1, neg/pos, negative/positive, "
-                        "false/true)")
-    return LABELS[key]
-
-
-def _json_row(path, n, line):
-    """Line n of a JSON-lines file, parsed; errors name the file's line, not json's place in the one line."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        if not line.lstrip().startswith("["):
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        row = []
-    if isinstance(row, list):
-        raise DataError(f"{path}:{n}: a JSON array; expected one JSON object per line (JSON lines)")
-    return row
-
-
-def read_labeled(path, text_column="text", label_column="label"):
-    """(texts, labels int64 array) from a .csv / .tsv / .json(l) file (optionally .gz/.bz2/.xz) with named columns."""
-    ext = os.path.splitext(data.inner_name(path))[1]
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    if ext not in (".csv", ".tsv", ".jsonl", ".json"):
-        raise DataError(f"{path}: unknown format {ext!r} (expected .csv, .tsv, .jsonl or .json, optionally "
-                        ".gz/.bz2/.xz)")
-    texts, labels, n = [], [], 1  # n: the line of the last row read
-    try:
-        with data._open_text(path) as f:  # decompressed as named; without Excel's byte-order mark
-            if ext in (".csv", ".tsv"):
-                csv.field_size_limit(data.MAX_LINE)  # the default 131,072 characters is shorter than some reviews
-                # strict: a stray quote is an error, not a quoted field that swallows the rest of the file
-                reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",", strict=True)
-                rows = ((reader.line_num, r) for r in reader)  # the row's last line: quoted fields may span several
-                for col in (text_column, label_column):
-                    if col not in (reader.fieldnames or []):
-                        raise DataError(f"{path}: no column {col!r} (columns: {reader.fieldnames})")
-            else:
-                def too_long(n, why):
-                    raise DataError(f"{path}:{n}: {why}")
-                rows = ((n, _json_row(path, n, line)) for n, line in data._lines(f, too_long) if line.strip())
-            for n, row in rows:
-                if not isinstance(row, dict) or not isinstance(row.get(text_column), str) \
-                        or row.get(label_column) in (None, ""):
-                    raise DataError(f"{path}:{n}: no {text_column!r} text or no {label_column!r} label")
-                texts.append(row[text_column])
-                labels.append(_label(row[label_column], f"{path}:{n}"))
-    except csv.Error as e:
-        raise DataError(f"{path}:{n + 1}: malformed row ({e}); a stray quote?") from None
-    except (ValueError, RecursionError, *data.BAD_FILE) as e:  # a bad archive, a JSON nested too deep
-        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})")
-    if not texts:
-        raise DataError(f"{path}: no labelled rows (empty split)")
-    return texts, np.array(labels, dtype=np.int64)
-
-
-def carve(texts, labels, frac, seed=0):
-    """Split off a seeded random `frac` of (texts, labels): returns (rest, carved)."""
-    perm = np.random.default_rng(seed).permutation(len(texts))
-    k = int(round(frac * len(texts)))
-    pick = lambda ix: ([texts[i] for i in ix], labels[ix])  # noqa: E731
-    return pick(np.sort(perm[k:])), pick(np.sort(perm[:k]))
-
-
-def load_sst2(data_dir):
-    """Radford et al.'s SST-2 CSVs (label,sentence): DIR/{train,dev,test}.csv (or DIR/sst2/...)."""
-    if not os.path.isfile(os.path.join(data_dir, "train.csv")) and os.path.isdir(os.path.join(data_dir, "sst2")):
-        data_dir = os.path.join(data_dir, "sst2")
-    return {s: read_labeled(os.path.join(data_dir, f + ".csv"), "sentence", "label")
-            for s, f in (("train", "train"), ("val", "dev"), ("test", "test"))}
-
-
-def load_imdb(path, val_frac=0.2, seed=0):
-    """IMDB from an aclImdb folder, its parent, its .tar.gz/.tar.xz, or a folder holding that tarball.
-    val = a seeded `val_frac` of train (the paper's peers' 20%); the order does not depend on the source."""
-    if os.path.isdir(path) and not os.path.isdir(os.path.join(path, "aclImdb")) \
-            and os.path.basename(os.path.normpath(path)) != "aclImdb":
-        tars = sorted(f for f in os.listdir(path) if f.startswith("aclImdb") and ".tar" in f)
-        path = os.path.join(path, tars[0]) if tars else path
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such file or folder")
-    got = {"train": [], "test": []}
-    for part, text in data.imdb_documents(path, parts=("train/pos", "train/neg", "test/pos", "test/neg")):
-        split, cls = part.split("/")
-        got[split].append((int(cls == "pos"), text))
-    for split, items in got.items():
-        if not items or len({y for y, _ in items}) < 2:
-            raise DataError(f"{path}: {split}/pos and {split}/neg must both hold reviews (empty split)")
-        items.sort()  # (label, text): a folder and its tarball give the same order, hence the same val
-    out = {s: ([t for _, t in it], np.array([y for y, _ in it], dtype=np.int64)) for s, it in got.items()}
-    out["train"], out["val"] = carve(*out["train"], val_frac, seed)
-    return out
-
-
-def load_files(train, val, test, text_column, label_column, val_frac=0.2, seed=0):
-    splits = {"train": read_labeled(train, text_column, label_column),
-              "test": read_labeled(test, text_column, label_column)}
-    if val:
-        splits["val"] = read_labeled(val, text_column, label_column)
-    else:
-        splits["train"], splits["val"] = carve(*splits["train"], val_frac, seed)
-    return splits
-
-
-# ---------------------------------------------------------------- featurisation
-
-
-def _progress(label, total, every=2.0):
-    """A progress line on stderr: update(texts_done, bytes_done)."""
-    start, last = time.time(), [0.0]
-
-    def update(n, nbytes, final=False):
-        now = time.time()
-        if final or now - last[0] > every:
-            last[0], el = now, max(now - start, 1e-9)
-            eta = el * (total - n) / max(n, 1)
-            end = "\n" if final or not sys.stderr.isatty() else "\r"
-            print(f"featurize {label}: {n}/{total} texts, {n / el:.1f} texts/s, {nbytes / el / 1e3:.1f} kB/s, "
-                  f"{el:.0f}s elapsed, eta {eta:.0f}s", end=end, file=sys.stderr, flush=True)
-    return update
 
 
 @torch.inference_mode()
@@ -190,7 +64,7 @@ def featurize(model, byte_strings, feature="cell", batch_size=64, chunk=256, pro
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         lens = lengths[idx]
-        x = np.zeros((len(idx), max(int(lens[0]), 1)), dtype=np.int64)
+        x = np.zeros((len(idx), max(int(lens[0]), 1)), dtype=np.int64)  # [b, longest]
         for r, i in enumerate(idx):
             x[r, : lens[r]] = np.frombuffer(byte_strings[i], dtype=np.uint8)
         x, lens_t = torch.from_numpy(x).to(p.device), torch.from_numpy(lens).to(p.device)
@@ -217,104 +91,11 @@ def featurize(model, byte_strings, feature="cell", batch_size=64, chunk=256, pro
 
 
 def cached_features(model, checkpoint, name, byte_strings, cache_dir, feature="cell", dtype="fp32", **kw):
-    """featurize() through a .npy cache keyed by checkpoint, texts and options: (features, was_cached)."""
-    texts = hashlib.sha1()
-    for b in byte_strings:
-        texts.update(len(b).to_bytes(8, "little") + b)
-    st = os.stat(checkpoint)
-    key = json.dumps([os.path.abspath(checkpoint), st.st_size, st.st_mtime_ns, texts.hexdigest(), feature, dtype])
-    path = os.path.join(cache_dir, f"{name}-{feature}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
-    try:  # a missing, damaged (truncated by a crash) or mismatched file is a miss, overwritten below
-        X = np.load(path)
-        if X.shape == (len(byte_strings), model.hidden):
-            return X, True
-    except (ValueError, OSError, EOFError):
-        pass
-    X = featurize(model, byte_strings, feature, progress=_progress(name, len(byte_strings)), **kw)
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        with open(path + ".tmp", "wb") as f:
-            np.save(f, X)
-        os.replace(path + ".tmp", path)
-    except OSError as e:
-        raise SystemExit(f"{cache_dir}: cannot write the feature cache ({e}); pass --cache-dir")
-    return X, False
-
-
-# ---------------------------------------------------------------- logistic regression (float64, full batch)
-
-
-def _design(X, y, device):
-    X = torch.as_tensor(np.asarray(X), dtype=torch.float64, device=device)
-    Xb = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype, device=device)], 1)  # last column: the bias
-    return Xb, torch.as_tensor(np.asarray(y), dtype=torch.float64, device=device)
-
-
-def _init(init, D1, device):
-    return torch.zeros(D1, dtype=torch.float64, device=device) if init is None else \
-        torch.as_tensor(np.append(init[0], init[1]), dtype=torch.float64, device=device)
-
-
-def fit_l2(X, y, C, init=None, tol=1e-12, max_iter=100, device="cpu"):
-    """min_{w,b} sum_i [log(1+e^z_i) - y_i z_i] + ||w||^2/(2C), z = Xw + b: sklearn's LogisticRegression(C)
-    (C * sum loss + ||w||^2/2) divided by C, same optimum. Newton/IRLS with step halving. -> (w, b)."""
-    Xb, y = _design(X, y, device)
-    reg = torch.full((Xb.shape[1],), 1.0 / C, dtype=torch.float64, device=device)
-    reg[-1] = 0.0  # bias unpenalised
-    th = _init(init, Xb.shape[1], device)
-    obj = lambda t: (F.softplus(Xb @ t) - y * (Xb @ t)).sum() + 0.5 * (reg * t * t).sum()  # noqa: E731
-    f = obj(th)
-    for _ in range(max_iter):
-        p = torch.sigmoid(Xb @ th)
-        g = Xb.T @ (p - y) + reg * th
-        A = Xb * (p * (1 - p)).sqrt()[:, None]
-        Hm = A.T @ A + torch.diag(reg + 1e-12)  # X^T W X + R: the weighted least-squares normal matrix
-        step = torch.linalg.solve(Hm, g)
-        dec = float(g @ step)  # Newton decrement^2: twice the predicted decrease
-        t = 1.0
-        while (fn := obj(th - t * step)) > f - 0.25 * t * dec and t >= 1e-8:  # Armijo step halving:
-            t /= 2                                                             # plain Newton can overshoot
-        if t < 1e-8:  # no step lowers the objective beyond rounding: th is already the optimum
-            break
-        th, f = th - t * step, fn
-        if dec < tol * (1.0 + abs(float(f))):
-            break
-    th = th.cpu().numpy()
-    return th[:-1], float(th[-1])
-
-
-def fit_l1(X, y, C, init=None, tol=1e-6, max_iter=20000, device="cpu"):
-    """min_{w,b} sum_i logloss_i + ||w||_1 / C: sklearn's L1 LogisticRegression(C) divided by C. FISTA with
-    step 1/L, L = lambda_max(Xb^T Xb)/4, adaptive restart; stops when the optimality violation (a
-    subgradient residual) is below tol * N, or warns after max_iter. -> (w, b) with exact zeros."""
-    Xb, y = _design(X, y, device)
-    N, D1 = Xb.shape
-    lam = torch.full((D1,), 1.0 / C, dtype=torch.float64, device=device)
-    lam[-1] = 0.0
-    L = float(torch.linalg.eigvalsh(Xb.T @ Xb)[-1]) / 4 * 1.0001
-    th = _init(init, D1, device)
-    z, tk = th.clone(), 1.0
-    grad = lambda t: Xb.T @ (torch.sigmoid(Xb @ t) - y)  # noqa: E731
-    for it in range(max_iter):
-        v = z - grad(z) / L
-        new = torch.sign(v) * (v.abs() - lam / L).clamp(min=0)  # soft threshold (prox of the L1 term)
-        if float(((z - new) * (new - th)).sum()) > 0:  # momentum points uphill: restart it
-            tk = 1.0
-        tn = (1 + (1 + 4 * tk * tk) ** 0.5) / 2
-        z, th, tk = new + (tk - 1) / tn * (new - th), new, tn
-        if it % 10 == 9:
-            g = grad(th)
-            viol = torch.where(th != 0, (g + lam * torch.sign(th)).abs(), (g.abs() - lam).clamp(min=0))
-            if float(viol.max()) < tol * N:
-                break
-    else:  # the loop never met the stopping test
-        warnings.warn(f"fit_l1 at C={C:g} stopped at max_iter={max_iter} before converging (tol={tol:g})")
-    th = th.cpu().numpy()
-    return th[:-1], float(th[-1])
-
-
-def accuracy(X, y, w, b):
-    return float(((np.asarray(X, dtype=np.float64) @ w + b > 0) == (np.asarray(y) == 1)).mean())
+    """featurize() through the feature cache (plumbing/feature_cache.py): (features, was_cached)."""
+    path = feature_cache.cache_path(cache_dir, name, checkpoint, byte_strings, feature, dtype)
+    progress = cli.progress(f"featurize {name}", len(byte_strings))
+    return feature_cache.cached(path, (len(byte_strings), model.hidden),
+                                lambda: featurize(model, byte_strings, feature, progress=progress, **kw))
 
 
 def standardize(train, *others):
@@ -322,6 +103,10 @@ def standardize(train, *others):
     mu, sd = train.mean(0), train.std(0)
     sd = np.where(sd > 1e-12, sd, 1.0)
     return [(x - mu) / sd for x in (train, *others)]
+
+
+def accuracy(X, y, w, b):
+    return float(((np.asarray(X, dtype=np.float64) @ w + b > 0) == (np.asarray(y) == 1)).mean())
 
 
 def fit_select(Xtr, ytr, Xva, yva, penalty="l1", Cs=GRID, device="cpu"):
@@ -352,6 +137,21 @@ def threshold_fit(x, y, sign=1.0):
     return float(t), float(acc[k])
 
 
+def sentiment_neuron(ws, Z, y, log):
+    """The unit of the largest L1 weight, its sign and the threshold that makes it a classifier alone (fitted on
+    train), with its accuracy on each split. An L1 fit that kept no unit (features no better than the majority
+    class at the chosen C) leaves the choice to the L2 fit, rather than to unit 0 of an all-zero w."""
+    fit = "l1" if np.any(ws["l1"]) else "l2"
+    if fit == "l2":
+        log("note: the L1 fit kept no unit at the chosen C; the neuron is the L2 fit's largest weight")
+    unit = int(np.argmax(np.abs(ws[fit])))
+    sign = 1.0 if ws[fit][unit] >= 0 else -1.0
+    thr, train_acc = threshold_fit(Z["train"][:, unit], y["train"], sign)
+    acc = {s: float(((sign * Z[s][:, unit] > thr) == (y[s] == 1)).mean()) for s in ("val", "test")}
+    return dict(neuron=unit, neuron_fit=fit, neuron_sign=int(sign), neuron_threshold=thr,
+                neuron_train_acc=train_acc, neuron_val_acc=acc["val"], neuron_test_acc=acc["test"])
+
+
 def bag_of_words(train_texts, *others, vocab=2000):
     """Count matrices over the `vocab` lowercase words found in the most train texts (ties: alphabetical)."""
     tok = lambda t: re.findall(r"[a-z0-9']+", t.lower())  # noqa: E731
@@ -368,46 +168,6 @@ def bag_of_words(train_texts, *others, vocab=2000):
     return mats
 
 
-# ---------------------------------------------------------------- outputs a person looks at
-
-
-def write_file(path, text):
-    """Write `text` to `path` whole or not at all: a temporary file, then an atomic rename."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def heatmap_html(byte_strings, activations, path=None, title="", vmax=None):
-    """HTML page, one block per text, every character coloured by the value at its (last) byte: green
-    positive, red negative, full colour at |value| = vmax (default: the largest |value|). Returns the page."""
-    if len(byte_strings) != len(activations):
-        raise ValueError(f"{len(byte_strings)} texts but {len(activations)} activation rows")
-    vals = [np.asarray(a, dtype=np.float64).reshape(-1) for a in activations]
-    for i, (b, v) in enumerate(zip(byte_strings, vals)):
-        if len(b) != len(v):
-            raise ValueError(f"text {i}: {len(b)} bytes but {len(v)} values")
-    vmax = vmax or max([float(np.abs(v).max()) for v in vals if len(v)] + [1e-12])
-    blocks = []
-    for b, v in zip(byte_strings, vals):
-        dec, spans = codecs.getincrementaldecoder("utf-8")("replace"), []
-        for j in range(len(b)):
-            ch = dec.decode(b[j : j + 1])
-            if ch:
-                s = max(-1.0, min(1.0, v[j] / vmax))
-                col = f"rgba(0,170,0,{s:.3f})" if s > 0 else f"rgba(230,0,0,{-s:.3f})"
-                spans.append(f'<span style="background:{col}" title="{v[j]:.4g}">'
-                             f'{html.escape(ch.replace(chr(10), chr(0x21B5)))}</span>')
-        blocks.append('<div class="t">' + "".join(spans) + "</div>")
-    page = ('<!doctype html><meta charset="utf-8"><title>{0}</title><style>body{{font-family:monospace;'
-            'max-width:70em}} .t{{margin:1em 0;white-space:pre-wrap;line-height:1.7}}</style><h3>{0}</h3>'
-            '<p>green positive, red negative; full colour at |value| = {1:.4g}; hover for values</p>\n{2}\n'
-            ).format(html.escape(title), vmax, "\n".join(blocks))
-    if path:
-        write_file(path, page)
-    return page
-
-
 @torch.inference_mode()
 def unit_trace(model, byte_string, unit, feature="cell"):
     """The value of one unit after every byte of one text ([len] float array): cell state, or hidden."""
@@ -416,41 +176,26 @@ def unit_trace(model, byte_string, unit, feature="cell"):
     return (hs if feature == "hidden" else cs)[0, :, unit].float().cpu().numpy()
 
 
-def histogram_text(values, labels, bins=20, width=30):
-    counts = [np.histogram(values[labels == k], bins=bins, range=(values.min(), values.max() + 1e-9))
-              for k in (0, 1)]
-    edges, top = counts[0][1], max(max(c[0].max() for c in counts), 1)
-    lines = [f"{'value':>9}  {'negative':<{width + 6}}  positive"]
-    for i in range(bins):
-        n0, n1 = counts[0][0][i], counts[1][0][i]
-        lines.append(f"{edges[i]:9.3f}  {n0:5d} {'#' * round(width * n0 / top):<{width}}  "
-                     f"{n1:5d} {'#' * round(width * n1 / top)}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- the experiment
+def fit_scored(Z, y, penalty, device):
+    """fit_select on standardised train/val, scored on train, val and test; with the weights."""
+    t0 = time.time()
+    r = fit_select(Z["train"], y["train"], Z["val"], y["val"], penalty, device=device)
+    return dict(C=r["C"], nonzero=r["nonzero"], train_acc=accuracy(Z["train"], y["train"], r["w"], r["b"]),
+                val_acc=r["val_acc"], test_acc=accuracy(Z["test"], y["test"], r["w"], r["b"]),
+                seconds=round(time.time() - t0, 2), path=r["path"]), r["w"]
 
 
 def run(a, log=print):
     """The whole experiment for parsed arguments `a`; returns the results dict (also written as JSON)."""
-    if a.task == "sst2":
-        splits = load_sst2(a.data_dir)
-    elif a.task == "imdb":
-        splits = load_imdb(a.data_dir, a.val_frac, a.seed)
-    else:
-        splits = load_files(a.train, a.val, a.test, a.text_column, a.label_column, a.val_frac, a.seed)
-    for name, (texts, labels) in splits.items():
-        if a.limit and len(texts) > a.limit:
-            splits[name] = carve(texts, labels, a.limit / len(texts), a.seed)[1]
-        if len(set(splits[name][1].tolist())) < 2:
-            raise DataError(f"{name} split: only one class present ({len(splits[name][1])} rows)")
-    model, config = mlstm.load_pretrained(a.checkpoint, a.device)
+    splits = labeled.load_task(a)
+    model, config = load_pretrained(a.checkpoint, a.device)
     if a.dtype is None:  # the checkpoint's dtype on a GPU; fp32 on CPU, where half precision is slow
         a.dtype = config.get("dtype", "fp32") if a.device.startswith("cuda") else "fp32"
         a.dtype = a.dtype if a.dtype in DTYPES else "fp32"
     model = model.to(dtype=DTYPES[a.dtype]).eval()
     log(f"transfer: {a.checkpoint} (H={model.hidden}) on {a.device} {a.dtype}; "
         + ", ".join(f"{s} {len(t)}" for s, (t, _) in splits.items()))
+    # 1. Features: the state after reading each (normalised) text.
     X, y, B, stats = {}, {}, {}, {}
     for s in ("train", "val", "test"):
         B[s], y[s] = [data.normalize(t) for t in splits[s][0]], splits[s][1]
@@ -460,49 +205,41 @@ def run(a, log=print):
         el, nb = time.time() - t0, sum(map(len, B[s]))
         stats[s] = dict(texts=len(B[s]), bytes=nb, seconds=round(el, 3), cached=hit,
                         texts_per_s=round(len(B[s]) / el, 1), bytes_per_s=round(nb / el))
-    Ztr, Zva, Zte = standardize(X["train"], X["val"], X["test"])
-    fits, ws, t0 = {}, {}, time.time()
+    # 2. Logistic regression on the standardised features, L1 and L2, C chosen on validation.
+    Z = dict(zip(("train", "val", "test"), standardize(X["train"], X["val"], X["test"])))
+    t0 = time.time()
+    fits, ws = {}, {}
     for pen in ("l1", "l2"):
-        t1 = time.time()
-        r = fit_select(Ztr, y["train"], Zva, y["val"], pen, device=a.device)
-        fits[pen] = dict(C=r["C"], nonzero=r["nonzero"], train_acc=accuracy(Ztr, y["train"], r["w"], r["b"]),
-                         val_acc=r["val_acc"], test_acc=accuracy(Zte, y["test"], r["w"], r["b"]),
-                         seconds=round(time.time() - t1, 2), path=r["path"])
-        ws[pen] = r["w"]
-    # the sentiment neuron: the unit of the largest L1 weight; an L1 fit that kept no unit (features no better than
-    # the majority class at the chosen C) leaves the choice to the L2 fit, rather than to unit 0 of an all-zero w
-    neuron_fit = "l1" if np.any(ws["l1"]) else "l2"
-    if neuron_fit == "l2":
-        log("note: the L1 fit kept no unit at the chosen C; the neuron is the L2 fit's largest weight")
-    unit = int(np.argmax(np.abs(ws[neuron_fit])))
-    sign = 1.0 if ws[neuron_fit][unit] >= 0 else -1.0
-    thr, neuron_train = threshold_fit(Ztr[:, unit], y["train"], sign)
-    neuron_acc = {s: float(((sign * Z[:, unit] > thr) == (y[s] == 1)).mean())
-                  for s, Z in (("val", Zva), ("test", Zte))}
+        fits[pen], ws[pen] = fit_scored(Z, y, pen, a.device)
+    # 3. The sentiment neuron: one unit alone.
+    neuron = sentiment_neuron(ws, Z, y, log)
     t1, base = time.time(), None
     if a.bow_vocab:  # the baseline does not depend on the checkpoint: --bow-vocab 0 skips it (a sweep fits it once)
         bows = standardize(*bag_of_words(*(splits[s][0] for s in ("train", "val", "test")), vocab=a.bow_vocab))
-        rb = fit_select(bows[0], y["train"], bows[1], y["val"], a.penalty, device=a.device)
-        base = dict(C=rb["C"], nonzero=rb["nonzero"], train_acc=accuracy(bows[0], y["train"], rb["w"], rb["b"]),
-                    val_acc=rb["val_acc"], test_acc=accuracy(bows[2], y["test"], rb["w"], rb["b"]),
-                    seconds=round(time.time() - t1, 2))
+        base = fit_scored(dict(zip(("train", "val", "test"), bows)), y, a.penalty, a.device)[0]
+        base.pop("path")
+        base["seconds"] = round(time.time() - t1, 2)
     main = fits[a.penalty]
     res = dict(task=a.task or "files", checkpoint=os.path.abspath(a.checkpoint), hidden=model.hidden,
                feature=a.feature, penalty=a.penalty, device=a.device, dtype=a.dtype,
                test_acc=main["test_acc"], val_acc=main["val_acc"], train_acc=main["train_acc"], C=main["C"],
-               nonzero=main["nonzero"], neuron=unit, neuron_fit=neuron_fit, neuron_sign=int(sign),
-               neuron_threshold=thr,
-               neuron_train_acc=neuron_train, neuron_val_acc=neuron_acc["val"], neuron_test_acc=neuron_acc["test"],
-               baseline_test_acc=base["test_acc"] if base else None, baseline=base, fits=fits, featurize=stats,
-               solver_seconds=round(time.time() - t0, 2))
+               nonzero=main["nonzero"], **neuron, baseline_test_acc=base["test_acc"] if base else None,
+               baseline=base, fits=fits, featurize=stats, solver_seconds=round(time.time() - t0, 2))
+    report(a, res, model, B, X, y, log)
+    return res
+
+
+def report(a, res, model, B, X, y, log):
+    """The results table on the log; heatmap.html, histogram.txt (+ .png) and results.json in --out, the results
+    last, each file whole: a run that fails on the way leaves no results.json beside older pictures."""
+    unit, sign, fits, base = res["neuron"], res["neuron_sign"], res["fits"], res["baseline"]
+    alone = dict(C=float("nan"), nonzero=1, **{f"{s}_acc": res[f"neuron_{s}_acc"] for s in ("train", "val", "test")})
     rows = [(f"mLSTM {a.feature} + L1", fits["l1"]), (f"mLSTM {a.feature} + L2", fits["l2"]),
-            (f"neuron {unit} ({'+' if sign > 0 else '-'}) alone",
-             dict(C=float("nan"), nonzero=1, train_acc=neuron_train, **{k + "_acc": v for k, v in neuron_acc.items()}))]
+            (f"neuron {unit} ({'+' if sign > 0 else '-'}) alone", alone)]
     rows += [(f"bag of {a.bow_vocab} words + {a.penalty.upper()}", base)] if base else []
     log(f"\n{'classifier':<30}{'C':>10}{'nonzero':>9}{'train':>8}{'val':>8}{'test':>8}")
     for name, r in rows:
         log(f"{name:<30}{r['C']:>10.4g}{r['nonzero']:>9}{r['train_acc']:>8.4f}{r['val_acc']:>8.4f}{r['test_acc']:>8.4f}")
-    # Results last, each file whole: a run that fails on the way leaves no results.json beside older pictures.
     os.makedirs(a.out, exist_ok=True)
     # The neuron per byte on a few test texts (half of each class, an odd one positive), and its final value per class.
     pick = [i for k, n in ((1, (a.heatmap + 1) // 2), (0, a.heatmap // 2)) for i in np.flatnonzero(y["test"] == k)[:n]]
@@ -513,30 +250,17 @@ def run(a, log=print):
     write_file(os.path.join(a.out, "histogram.txt"),
                f"neuron {unit} x sign {sign:+.0f}: final {a.feature} value on test, by class\n{hist}\n")
     log(f"\nneuron {unit} x sign {sign:+.0f}, final {a.feature} value on test:\n{hist}")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        plt.figure(figsize=(6, 3.5))
-        for k, name in ((0, "negative"), (1, "positive")):
-            plt.hist(sign * X["test"][y["test"] == k, unit], bins=40, alpha=0.6, label=name)
-        plt.xlabel(f"neuron {unit} final {a.feature} value"), plt.legend(), plt.tight_layout()
-        png = os.path.join(a.out, "histogram.png")
-        plt.savefig(png + ".tmp", format="png", dpi=120)
-        plt.close()
-        os.replace(png + ".tmp", png)
-    except ImportError:
-        pass
+    histogram_png(sign * X["test"][:, unit], y["test"], f"neuron {unit} final {a.feature} value",
+                  os.path.join(a.out, "histogram.png"))
     for path in (os.path.join(a.out, "results.json"), a.json):
         if path:
             write_file(path, json.dumps(res, indent=1))
     log(f"\nwrote {a.out}/results.json, heatmap.html, histogram.txt" + (f" and {a.json}" if a.json else ""))
-    return res
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sentiment transfer from a pretrained byte mLSTM (see the docstring).")
-    p.add_argument("--checkpoint", default=os.path.relpath(mlstm.RELEASED),
+    p.add_argument("--checkpoint", default=os.path.relpath(RELEASED),
                    help="train.py checkpoint or released model (.pt); default: the released model, %(default)s")
     p.add_argument("--task", choices=("sst2", "imdb"), help="a known dataset under --data-dir")
     p.add_argument("--data-dir", help="sst2: folder of train/dev/test.csv; imdb: aclImdb folder or tarball")
@@ -569,18 +293,12 @@ def parse_args(argv=None):
         p.error(f"--task {a.task} needs --data-dir")
     if not a.task and not (a.train and a.test):
         p.error("give --task sst2|imdb --data-dir DIR, or --train FILE --test FILE [--val FILE]")
-    for name in ("limit", "batch_size", "chunk", "heatmap_bytes"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not 0 <= a.seed < 2**63:
-        p.error("--seed must be in [0, 2^63)")
-    if a.bow_vocab < 0:
-        p.error("--bow-vocab must be >= 0 (0: no baseline)")
-    if a.heatmap < 0:
-        p.error("--heatmap must be >= 0 (0: no texts in heatmap.html)")
-    if not 0 < a.val_frac < 1:
-        p.error("--val-frac must be in (0, 1)")
-    if why := distributed.device_problem(a.device, DEVICES):
+    cli.require(p, a, ("limit", "batch_size", "chunk", "heatmap_bytes"), lambda v: v >= 1, ">= 1")
+    cli.require(p, a, ("seed",), lambda v: 0 <= v < 2**63, "in [0, 2^63)")
+    cli.require(p, a, ("bow_vocab",), lambda v: v >= 0, ">= 0 (0: no baseline)")
+    cli.require(p, a, ("heatmap",), lambda v: v >= 0, ">= 0 (0: no texts in heatmap.html)")
+    cli.require(p, a, ("val_frac",), lambda v: 0 < v < 1, "in (0, 1)")
+    if why := cli.device_problem(a.device, DEVICES):
         p.error(why)
     if not os.path.isfile(a.checkpoint):
         p.error(f"--checkpoint {a.checkpoint}: no such file")
@@ -590,27 +308,13 @@ def parse_args(argv=None):
     existing = os.path.abspath(a.out)  # checked now, not after the featurising and fitting; created by run()
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not writable(existing):
+    if not cli.writable(existing):
         p.error(f"--out {a.out}: {existing} is not a writable folder")
-    if a.json and (os.path.isdir(a.json) or not writable(os.path.dirname(os.path.abspath(a.json)))):
-        p.error(f"--json {a.json}: not a file name in an existing, writable folder")
+    cli.check_output_file(p, "--json", a.json)
     return a
-
-
-def writable(folder):
-    return os.path.isdir(folder) and os.access(folder, os.W_OK)
 
 
 if __name__ == "__main__":
     args = parse_args()
-    try:
-        run(args)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    except RuntimeError as e:
-        if not distributed.out_of_memory(e):
-            raise
-        sys.exit(f"error: out of memory ({str(e).strip()[:300]}); lower --batch-size or --chunk")
-    except KeyboardInterrupt:  # the outputs are written at the end: an earlier run's are as they were
-        print("interrupted: no results written; the features cached so far are reused next time", file=sys.stderr)
-        sys.exit(130)
+    cli.main_guard(lambda: run(args), oom="lower --batch-size or --chunk",
+                   interrupted="interrupted: no results written; the features cached so far are reused next time")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench
+from tools import bench
 import distributed
 from mlstm import MLSTM, loss_fn
 

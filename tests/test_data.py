@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import data
+from plumbing import folders, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +50,7 @@ def test_a_truncated_imdb_tarball_is_an_error_wherever_it_is_cut(tmp_path, mode)
     with tarfile.open(tar, mode) as tf:
         tf.add(str(tmp_path / "src" / "aclImdb"), arcname="aclImdb")
     whole = tar.read_bytes()
-    assert sum(1 for _ in data.imdb_documents(str(tar))) == 24
+    assert sum(1 for _ in sources.imdb_documents(str(tar))) == 24
     quiet, missed = 0, []
     for cut in range(20, len(whole) - 1, 7):
         tar.write_bytes(whole[:cut])
@@ -60,7 +61,7 @@ def test_a_truncated_imdb_tarball_is_an_error_wherever_it_is_cut(tmp_path, mode)
         except (tarfile.TarError, EOFError):
             pass
         try:
-            sum(1 for _ in data.imdb_documents(str(tar)))
+            sum(1 for _ in sources.imdb_documents(str(tar)))
             missed.append(cut)
         except data.DataError as e:
             assert "cannot read as a tar archive" in str(e), e
@@ -69,7 +70,7 @@ def test_a_truncated_imdb_tarball_is_an_error_wherever_it_is_cut(tmp_path, mode)
     for at in range(20, len(whole), 41):  # a flipped byte: an error naming the file, whatever the decompressor raises
         tar.write_bytes(whole[:at] + bytes([whole[at] ^ 0xFF]) + whole[at + 1:])
         try:
-            sum(1 for _ in data.imdb_documents(str(tar)))  # a flip inside a review's text can go unnoticed
+            sum(1 for _ in sources.imdb_documents(str(tar)))  # a flip inside a review's text can go unnoticed
         except data.DataError as e:
             assert "cannot read as a tar archive" in str(e), e
 
@@ -277,6 +278,8 @@ def test_prepare_replaces_a_previous_corpus_whole(tmp_path, monkeypatch):
 WAIT_FOR_THE_LOCK = """
 import fcntl, sys, types
 import data
+from plumbing import folders
+from plumbing import folders, sources
 
 def flock(f, op):  # says when this process has to wait for the lock
     try:
@@ -285,7 +288,7 @@ def flock(f, op):  # says when this process has to wait for the lock
         print("waiting", flush=True)
         fcntl.flock(f, op)
 
-data.fcntl = types.SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB)
+folders.fcntl = types.SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB)
 print(data.resolve(sys.argv[1], sys.argv[2], log=lambda *a: None))
 """
 
@@ -334,7 +337,7 @@ def test_without_file_locks_preparation_goes_on_with_a_warning(tmp_path, monkeyp
     def no_locks(f, op):
         raise OSError(37, "No locks available")
 
-    monkeypatch.setattr(data, "fcntl", types.SimpleNamespace(flock=no_locks, LOCK_EX=2))
+    monkeypatch.setattr(folders, "fcntl", types.SimpleNamespace(flock=no_locks, LOCK_EX=2))
     (tmp_path / "s.txt").write_text("a review\n")
     logs = []
     data.prepare([str(tmp_path / "s.txt")], str(tmp_path / "o"), val_frac=0, test_frac=0, log=logs.append)
@@ -412,7 +415,7 @@ def test_csv_long_fields_and_excel_byte_order_mark(tmp_path, monkeypatch, reques
     data.prepare([str(tmp_path / "excel.csv")], str(tmp_path / "o2"), val_frac=0, test_frac=0, log=quiet)
     assert read_split(str(tmp_path / "o2"), "train") == [b"\n fine "]
     request.addfinalizer(lambda limit=csv.field_size_limit(): csv.field_size_limit(limit))
-    monkeypatch.setattr(data, "MAX_LINE", 100)
+    monkeypatch.setattr(sources, "MAX_LINE", 100)
     (tmp_path / "over.csv").write_text("id,text\n1,short\n2," + "y" * 1000 + "\n3,after\n")
     logs = []
     meta = data.prepare([str(tmp_path / "over.csv")], str(tmp_path / "o3"), val_frac=0, test_frac=0, log=logs.append)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-import experiments
+from tools import experiments
 import mlstm
 
 
@@ -268,7 +268,7 @@ def test_a_missing_corpus_or_an_unwritable_out_is_one_line_not_a_traceback(tmp_p
     corpus, _ = write_fixtures(tmp_path)
     for flags, message in ((["--data", str(tmp_path / "nope.txt")], "nope.txt: no such file or folder"),
                            (["--data", str(corpus), "--out", str(tmp_path / "file")], "Not a directory")):
-        p = subprocess.run([sys.executable, "experiments.py", "--only", "precision", "--dtypes", "fp32",
+        p = subprocess.run([sys.executable, "tools/experiments.py", "--only", "precision", "--dtypes", "fp32",
                             "--out", str(tmp_path / "out"), *flags], cwd=experiments.ROOT, capture_output=True,
                            text=True)
         assert p.returncode == 1 and p.stderr.startswith("error: ") and message in p.stderr \

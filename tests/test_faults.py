@@ -17,12 +17,12 @@ import time
 import pytest
 import torch
 
-import bench
 import data
-import generate
 import mlstm
 import train
 import transfer
+from plumbing import checkpoints, labeled, sources
+from tools import bench, generate
 from data import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -315,7 +315,7 @@ def bad_checkpoints(tmp_path, good):
     return files
 
 
-@pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")  # mlstm.load_pretrained indexing a tensor file
+@pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")  # checkpoints.load_pretrained indexing a tensor file
 def test_bad_checkpoints_are_refused_by_every_loader_and_never_run_code(tmp_path, capsys):
     run(tmp_path, "good", "--iters", "2")
     good = str(tmp_path / "good" / "ckpt.pt")
@@ -325,7 +325,7 @@ def test_bad_checkpoints_are_refused_by_every_loader_and_never_run_code(tmp_path
     (tmp_path / "l.csv").write_text(rows)
     for name, path in files.items():
         with pytest.raises(SystemExit) as e:
-            mlstm.load_pretrained(path)
+            checkpoints.load_pretrained(path)
         assert f"{path}: not a usable mLSTM checkpoint" in str(e.value), (name, e.value)
         if name == "runs_code":
             assert "weights_only" in str(e.value) or "Unsupported global" in str(e.value), e.value
@@ -447,7 +447,7 @@ def test_running_out_of_memory_on_the_cpu_is_one_line(tmp_path):
 OOM = RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
 
 
-@pytest.mark.parametrize("script", ["transfer.py", "generate.py"])
+@pytest.mark.parametrize("script", ["transfer.py", "tools/generate.py"])
 @pytest.mark.parametrize("fault, said", [
     (KeyboardInterrupt(), None), (OOM, "error: out of memory"), (RuntimeError("a bug"), None)])
 def test_the_scripts_end_on_ctrl_c_and_out_of_memory_with_one_line(tmp_path, monkeypatch, script, fault, said):
@@ -455,12 +455,12 @@ def test_the_scripts_end_on_ctrl_c_and_out_of_memory_with_one_line(tmp_path, mon
     (tmp_path / "ckpt.pt").write_bytes(b"")
     (tmp_path / "a.csv").write_text("label,text\n1,good\n0,bad\n1,fine\n0,awful\n1,great\n0,poor\n")
     argv = {"transfer.py": ["--train", str(tmp_path / "a.csv"), "--test", str(tmp_path / "a.csv"), "--val-frac", "0.5"],
-            "generate.py": []}[script]
+            "tools/generate.py": []}[script]
     monkeypatch.setattr(sys, "argv", [script, "--checkpoint", str(tmp_path / "ckpt.pt"), "--device", "cpu", *argv])
 
     def fail(*a, **k):
         raise fault
-    monkeypatch.setattr(mlstm, "load_pretrained", fail)
+    monkeypatch.setattr(checkpoints, "load_pretrained", fail)
     if isinstance(fault, RuntimeError) and said is None:  # not a memory error: the traceback, as for any bug
         with pytest.raises(RuntimeError, match="a bug"):
             runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
@@ -477,7 +477,7 @@ def test_generate_into_a_pipe_closed_early_stops_quietly(tmp_path):
     torch.manual_seed(0)
     train.save_checkpoint(str(tmp_path / "m.pt"), {"model": mlstm.MLSTM(hidden=16, embed=8).state_dict(),
                                                   "config": {"hidden": 16, "embed": 8, "no_weight_norm": False}})
-    p = subprocess.Popen([PY, "generate.py", "--checkpoint", str(tmp_path / "m.pt"), "--length", "1000000",
+    p = subprocess.Popen([PY, "tools/generate.py", "--checkpoint", str(tmp_path / "m.pt"), "--length", "1000000",
                           "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.read(5)  # as `| head -c 5` does: read a little, then close
     p.stdout.close()
@@ -620,7 +620,7 @@ def prepare(path, **kw):
     ("garbage.jsonl", random.Random(2).randbytes(3000), "garbage.jsonl: no documents found (empty corpus); skipped"),
     ("garbage.csv", random.Random(3).randbytes(3000), "garbage.csv: "),
     ("wrong_field.jsonl", b'{"text": "a review"}\n' * 3, "skipped 3 lines, e.g. "),
-    # a quoted field over many lines, longer in all than data.MAX_LINE (a field of 200,000 on one line is read)
+    # a quoted field over many lines, longer in all than sources.MAX_LINE (a field of 200,000 on one line is read)
     ("huge_field.csv", b'text\n"' + b"x\n" * (2**21 + 1) + b'"\n', "huge_field.csv:2: malformed row (field larger"),
 ])
 def test_hostile_corpus_files_get_a_clear_error_naming_them(tmp_path, name, content, message):
@@ -681,13 +681,13 @@ STRAY = 'label,text\n1,good film\n0,"bad film, he said\n1,"multi\nline"\n' + "".
 def test_a_stray_quote_in_a_csv_is_an_error_naming_the_row_not_a_merged_row(tmp_path, name, content, line):
     (tmp_path / name).write_text(content)
     with pytest.raises(DataError, match=f"{name}:{line}: malformed row .*a stray quote"):
-        transfer.read_labeled(str(tmp_path / name))
+        labeled.read_labeled(str(tmp_path / name))
     with pytest.raises(DataError, match=f"{name}:{line}: malformed row .*a stray quote"):
         list(data.documents(str(tmp_path / name)))
 
 
 def test_an_overlong_line_is_skipped_and_counted(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MAX_LINE", 100)
+    monkeypatch.setattr(sources, "MAX_LINE", 100)
     long = b"y" * 1000
     (tmp_path / "x.txt").write_bytes(b"short one\n" + long + b"\nshort two\r\n" + long)
     (tmp_path / "x.jsonl").write_bytes(b'{"reviewText": "short"}\n{"reviewText": "' + long + b'"}\n')
@@ -698,7 +698,7 @@ def test_an_overlong_line_is_skipped_and_counted(tmp_path, monkeypatch):
     assert train_bin == b"\n short " and meta["skipped"] == 1
     (tmp_path / "l.jsonl").write_bytes(b'{"text": "a", "label": 1}\n{"text": "' + long + b'", "label": 0}\n')
     with pytest.raises(DataError, match="l.jsonl:2: line longer than 100 characters"):
-        transfer.read_labeled(str(tmp_path / "l.jsonl"))
+        labeled.read_labeled(str(tmp_path / "l.jsonl"))
 
 
 MEASURE = """
@@ -739,9 +739,9 @@ def test_transfer_hostile_labelled_files(tmp_path):
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
         with pytest.raises(DataError, match=name):
-            transfer.read_labeled(str(tmp_path / name))
+            labeled.read_labeled(str(tmp_path / name))
     (tmp_path / "extra.csv").write_text("label,text,note\n1,good,x,y\n0,bad\n")
-    texts, labels = transfer.read_labeled(str(tmp_path / "extra.csv"))
+    texts, labels = labeled.read_labeled(str(tmp_path / "extra.csv"))
     assert texts == ["good", "bad"] and labels.tolist() == [1, 0]
     run(tmp_path, "m", "--iters", "2")
     (tmp_path / "one.csv").write_text("label,text\n" + "1,good\n" * 10)

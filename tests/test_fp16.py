@@ -9,6 +9,7 @@ import torch
 
 import fp16
 import train
+from tools import grad_histogram
 from fp16 import MixedPrecision
 from mlstm import MLSTM, detach_state, loss_fn
 from test_train import corpus, losses, run
@@ -318,7 +319,7 @@ def test_grad_histogram_counts_match_numpy(capsys):
     batches = [(torch.randint(0, 256, (4, 6), generator=gen), torch.randint(0, 256, (4, 6), generator=gen))
                for _ in range(2)]
     scales = [2.0**-10, 1.0, 2.0**16, 2.0**30]  # 2^-10 and 2^30 push some values to zero and to inf
-    hist, fates = fp16.grad_histogram(model, batches, scales)
+    hist, fates = grad_histogram.grad_histogram(model, batches, scales)
     grads, state = [], None
     for x, y in batches:
         logits, state = reference(x, state)
@@ -329,7 +330,7 @@ def test_grad_histogram_counts_match_numpy(capsys):
     g = np.abs(np.concatenate(grads)).astype(np.float64)
     g = g[g != 0]
     e = np.floor(np.log2(g)).astype(np.int64)
-    want = np.bincount(e + 149, minlength=fp16.BINS)
+    want = np.bincount(e + 149, minlength=grad_histogram.BINS)
     assert (hist.numpy() == want).all(), f"histogram differs in {np.flatnonzero(hist.numpy() != want) - 149}"
     with np.errstate(over="ignore"):
         for s, got in zip(scales, fates.numpy()):
@@ -337,7 +338,7 @@ def test_grad_histogram_counts_match_numpy(capsys):
             ref = [len(g), (h == 0).sum(), ((h != 0) & (h < np.finfo(np.float16).tiny)).sum(), np.isinf(h).sum()]
             assert list(got) == ref, f"x{s:g}: [all, zero, subnormal, inf] {list(got)} vs numpy {ref}"
     assert (fates[:, 1:].max(0).values > 0).all(), f"every fate should occur at some scale: {fates}"
-    fp16.report(hist, fates, scales)
+    grad_histogram.report(hist, fates, scales)
     h, top = np.abs(g.astype(np.float16)), e.max()
     line = (f"x1: 0.000% round to zero in fp16, {100 * ((h != 0) & (h < 2.0**-14)).mean():.3f}% subnormal, 0.000% "
             f"overflow; largest |g| in [2^{top}, 2^{top + 1}): {15 - top} powers of two unused")
@@ -349,7 +350,7 @@ def test_grad_histogram_command(tmp_path, capsys):
     data_flags = ["--data", corpus(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4",
                   "--seq-len", "16", "--steps", "2", "--png", str(tmp_path / "h.png")]
     for what in ("ckpt.pt", "config.json", ""):  # a checkpoint, a fresh model from a config, the --out folder
-        fp16.main(["--grad-histogram", str(tmp_path / "a" / what), *data_flags])
+        grad_histogram.main(["--grad-histogram", str(tmp_path / "a" / what), *data_flags])
         out = capsys.readouterr().out
         assert re.search(r"x1: .*% round to zero in fp16, .*% subnormal, .* powers of two unused", out), out
         assert "x65536: " in out
@@ -357,9 +358,9 @@ def test_grad_histogram_command(tmp_path, capsys):
     for what, msg in (("nowhere.pt", "no such checkpoint"), (corpus(tmp_path), "not a usable mLSTM checkpoint"),
                       (str(tmp_path / "bad.json"), "not a train.py config.json")):
         with pytest.raises(SystemExit, match=msg):
-            fp16.main(["--grad-histogram", what, *data_flags])
+            grad_histogram.main(["--grad-histogram", what, *data_flags])
     for scale in ("nan", "inf", "0"):
         with pytest.raises(SystemExit):
-            fp16.main(["--grad-histogram", "demo", *data_flags, "--scale", scale])
+            grad_histogram.main(["--grad-histogram", "demo", *data_flags, "--scale", scale])
         err = capsys.readouterr().err
         assert "and --scale must be positive (--scale finite)" in err, f"--scale {scale}: {err}"

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import data
-import generate
+from tools import generate
 import mlstm
 import train
 import transfer
+from plumbing import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,7 +157,7 @@ def test_results_file_sign_and_heatmaps(tmp_path, capsys):
 
 def test_bytes_prime_from_the_command_line(tmp_path):
     path, model = tiny(tmp_path)
-    r = subprocess.run([sys.executable, "generate.py", "--checkpoint", path, "--prime", b"caf\xe9 ok",
+    r = subprocess.run([sys.executable, "tools/generate.py", "--checkpoint", path, "--prime", b"caf\xe9 ok",
                         "--length", "8", "--temperature", "0"], cwd=ROOT, capture_output=True)
     assert r.returncode == 0, r.stderr.decode()
     want = generate.sample(model, b"\n caf\xe9 ok", 8, 0)[0]  # the raw byte 0xe9, not a replacement
@@ -233,12 +234,12 @@ def test_the_released_model_is_the_default_and_knows_english(tmp_path):
     """models/: what transfer.py and generate.py load when no --checkpoint is given. Under the issue's 15 MB, fp16
     on disk, and trained: far fewer bits per byte on a review than on the same bytes shuffled."""
     a = generate.parse_args([])
-    assert os.path.samefile(a.checkpoint, mlstm.RELEASED)
+    assert os.path.samefile(a.checkpoint, checkpoints.RELEASED)
     b = transfer.parse_args(["--task", "sst2", "--data-dir", "x", "--out", str(tmp_path)])  # --out: not into models/
-    assert os.path.samefile(b.checkpoint, mlstm.RELEASED)
-    assert os.path.getsize(mlstm.RELEASED) <= 15e6
-    assert all(w.dtype == torch.float16 for w in torch.load(mlstm.RELEASED, weights_only=True)["model"].values())
-    model, _ = mlstm.load_pretrained(mlstm.RELEASED)
+    assert os.path.samefile(b.checkpoint, checkpoints.RELEASED)
+    assert os.path.getsize(checkpoints.RELEASED) <= 15e6
+    assert all(w.dtype == torch.float16 for w in torch.load(checkpoints.RELEASED, weights_only=True)["model"].values())
+    model, _ = checkpoints.load_pretrained(checkpoints.RELEASED)
     review = data.normalize("I watched this movie last night with my family. The acting was wonderful and the story "
                             "kept us interested until the very end. I would recommend it to anyone who likes a good "
                             "drama, and I will certainly watch it again.")

@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from mlstm import MLSTM, Recurrence, detach_state, loss_fn
-from test_mlstm import NAMES, outputs_and_grads, recurrence_inputs
+from fast.loop import Recurrence
+from mlstm import MLSTM, detach_state, loss_fn
+from test_fast_loop import NAMES, outputs_and_grads, recurrence_inputs
 
 pytest.importorskip("triton", reason="kernels.py needs Triton (in torch's CUDA wheels; pip install triton)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,7 +99,7 @@ import collections, json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels
+from fast import kernels
 out = {}
 for ty in ("fp16", "bf16", "fp32"):
     for fn in (kernels._forward, kernels._backward):

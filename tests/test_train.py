@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 import data
 import mlstm
 import train
+from plumbing import checkpoints
 
 
 def corpus(tmp_path, n=400):
@@ -211,7 +213,7 @@ def test_logged_speed_leaves_out_evaluations_and_checkpoints(tmp_path, monkeypat
     monkeypatch.setattr(train, "evaluate", slow(real_eval))
     monkeypatch.setattr(train, "save_checkpoint", slow(real_ckpt))
     monkeypatch.setattr(train, "loss_fn", step_loss)
-    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    monkeypatch.setattr(time, "time", lambda: clock[0])
     m = run(tmp_path, "a", "--iters", "9", "--log-every", "1", "--save-every", "2", "--eval-every", "3")
     ms = [4 * 16 / e["chars_per_s"] * 1e3 for e in m if "loss" in e]
     assert len(ms) == 9 and max(ms) < 2, f"ms per step {ms}: evaluations or checkpoints counted as training"
@@ -353,7 +355,7 @@ def test_export_writes_fp16_weights_that_load_pretrained_reads(tmp_path, capsys,
     train.export(str(tmp_path / "a"), path)
     assert "step 4, hidden 16" in capsys.readouterr().out
     assert os.path.getsize(path) < os.path.getsize(tmp_path / "a" / "ckpt.pt") / 2  # no optimizer, half the bytes
-    model, config = mlstm.load_pretrained(path)
+    model, config = checkpoints.load_pretrained(path)
     assert config == ckpt["config"]
     for k, w in model.state_dict().items():  # fp16 rounding: relative error at most 2^-11 per weight
         ref = ckpt["model"][k]

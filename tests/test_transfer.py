@@ -20,6 +20,7 @@ import mlstm
 import train
 import transfer
 from data import DataError
+from plumbing import labeled, reports
 
 
 def problem(n=300, d=12, seed=0):
@@ -130,11 +131,11 @@ def test_read_labeled_formats(tmp_path):
         (tmp_path / name).write_bytes(compress(open(files[name.endswith("bz2")], "rb").read()))
         files.append(str(tmp_path / name))
     for f in files:
-        t, y = transfer.read_labeled(f)
+        t, y = labeled.read_labeled(f)
         assert (t, y.tolist()) == want, f
     (tmp_path / "c.csv").write_bytes(lzma.compress(b"label,text\n1,x\n"))
     with pytest.raises(DataError, match="c.csv: compressed with xz but not named"):
-        transfer.read_labeled(str(tmp_path / "c.csv"))
+        labeled.read_labeled(str(tmp_path / "c.csv"))
 
 
 @pytest.mark.parametrize("content,message", [
@@ -145,13 +146,13 @@ def test_read_labeled_formats(tmp_path):
 ])
 def test_read_labeled_errors(tmp_path, content, message):
     with pytest.raises(DataError, match=message) as e:
-        transfer.read_labeled(write(tmp_path / "bad.csv", content))
+        labeled.read_labeled(write(tmp_path / "bad.csv", content))
     assert "bad.csv" in str(e.value)
 
 
 def test_read_labeled_missing(tmp_path):
     with pytest.raises(DataError, match="no such file"):
-        transfer.read_labeled(str(tmp_path / "none.csv"))
+        labeled.read_labeled(str(tmp_path / "none.csv"))
 
 
 ROW = '{"text": "a", "label": 1}'
@@ -166,14 +167,14 @@ ROW = '{"text": "a", "label": 1}'
 ])
 def test_read_labeled_json_errors_name_the_line(tmp_path, name, content, message):
     with pytest.raises(DataError) as e:
-        transfer.read_labeled(write(tmp_path / name, content))
+        labeled.read_labeled(write(tmp_path / name, content))
     assert message in str(e.value) and "\n" not in str(e.value), e.value
 
 
 def test_read_labeled_excel_bom_and_long_reviews(tmp_path):
     long = "a fine film " * 20_000  # 240,000 characters: over csv's default field limit of 131,072
     (tmp_path / "excel.csv").write_bytes("\ufefftext,label\n".encode() + f'"{long}",pos\n"short, bad",neg\n'.encode())
-    t, y = transfer.read_labeled(str(tmp_path / "excel.csv"))
+    t, y = labeled.read_labeled(str(tmp_path / "excel.csv"))
     assert (t, y.tolist()) == ([long, "short, bad"], [1, 0]), "the byte-order mark or the long field was not read"
 
 
@@ -191,22 +192,22 @@ def imdb_tar(tmp_path, n=5):
 
 
 def test_load_imdb_and_sst2(tmp_path):
-    splits = transfer.load_imdb(str(imdb_tar(tmp_path, n=10)))
+    splits = labeled.load_imdb(str(imdb_tar(tmp_path, n=10)))
     assert {s: len(t) for s, (t, _) in splits.items()} == {"train": 16, "val": 4, "test": 20}
     assert not any("unsup" in t for t, _ in [splits["train"]])
     seen = set(splits["train"][0]) | set(splits["val"][0])
     assert len(seen) == 20 and all(t.startswith("train") for t in seen)
     for f in ("train", "dev", "test"):
         write(tmp_path / f"{f}.csv", "label,sentence\n1,fine\n0,poor\n")
-    s = transfer.load_sst2(str(tmp_path))
+    s = labeled.load_sst2(str(tmp_path))
     assert s["val"][0] == ["fine", "poor"] and s["test"][1].tolist() == [1, 0]
 
 
 def test_heatmap_html_escapes_and_checks():
-    page = transfer.heatmap_html([b"<b>\xc3\xa9", b"ok"], [[1, -1, 0.5, 0.5, 0.25], [0, 0]], title="t")
+    page = reports.heatmap_html([b"<b>\xc3\xa9", b"ok"], [[1, -1, 0.5, 0.5, 0.25], [0, 0]], title="t")
     assert "&lt;" in page and "\u00e9" in page and "<b>" not in page.split("</h3>")[1]
     with pytest.raises(ValueError, match="bytes but"):
-        transfer.heatmap_html([b"abc"], [[1, 2]])
+        reports.heatmap_html([b"abc"], [[1, 2]])
 
 
 def toy_task(tmp_path, n_train=60, n_test=30):

@@ -1,20 +1,20 @@
 """The mLSTM time loop's gate math fused into two Triton kernels: train.py --triton.
 
 Puri et al. 2018 (arXiv 1808.01371) train the 4096-d mLSTM with fp16 tensor-core GEMMs; what the GEMMs
-leave is elementwise. mlstm.Recurrence spends, per timestep, six small kernels forward and five backward
-(plus ten over all timesteps) on the gate math of `mlstm.cell` (sigmoid, tanh, the products of c and h),
+leave is elementwise. fast/loop.py's Recurrence spends, per timestep, six small kernels forward and five
+backward (plus ten over all timesteps) on the gate math of `mlstm.cell` (sigmoid, tanh, the products of c and h),
 each reading and writing [B, H] or [B, 4H] tensors, most of them column slices of z that torch runs
 unvectorised; elementwise kernels, mostly these, take 39% of the kernel time of a 4096-d step on an H100
 (BENCHMARKS.md). Here each direction is one kernel that reads its inputs once, computes in float32
 registers and writes once: on an H200 this takes a 4096-d fp16 step at batch 1024 from 42% to 54% MFU
-(BENCHMARKS.md). mlstm.Recurrence calls them in place of its plain-torch lines when fused=True;
+(BENCHMARKS.md). Recurrence calls them in place of its plain-torch lines when fused=True;
 those stay the readable reference that tests/test_kernels.py compares these with (on a CPU in Triton's
 interpreter, TRITON_INTERPRET=1, and compiled for the H100 to check the PTX; on a GPU compiled and run).
 
 One program per (batch row b, block of BLOCK hidden units j); [B, 4H] rows hold the gates i | f | o | u.
 
     python train.py --data corpus.jsonl.gz --hidden 4096 --batch-size 512 --dtype fp16 --triton
-    python bench.py --hidden 4096 --batch-size 512 --seq-len 256 --dtype fp16 --device cuda --only ours,triton
+    python tools/bench.py --hidden 4096 --batch-size 512 --seq-len 256 --dtype fp16 --device cuda --only ours,triton
 """
 import torch
 import triton

@@ -5,27 +5,35 @@ writes a review byte by byte; holding the sentiment unit of the cell state at a 
 makes the review positive or negative on demand. The neuron's index and sign are the ones transfer.py
 finds (its results.json: keys `neuron`, `neuron_sign`); --value is then in the positive direction.
 
-    python generate.py --prime "This movie"          # the released model, models/mlstm1024-imdb.pt (the default)
-    python generate.py --checkpoint out/demo/ckpt.pt --prime "This movie" --length 300 --temperature 0.8
-    python generate.py --checkpoint CKPT --num-samples 4 --top-k 40 --seed 3
-    python generate.py --checkpoint CKPT --results out/demo/transfer-imdb/results.json --value 2    # positive
-    python generate.py --checkpoint CKPT --results out/demo/transfer-imdb/results.json --value -2   # negative
-    python generate.py --neuron 1016 --value -3 --prime "This movie"   # the released model's best IMDB unit
+    python tools/generate.py --prime "This movie"          # the released model, models/mlstm1024-imdb.pt (the default)
+    python tools/generate.py --checkpoint out/demo/ckpt.pt --prime "This movie" --length 300 --temperature 0.8
+    python tools/generate.py --checkpoint CKPT --num-samples 4 --top-k 40 --seed 3
+    python tools/generate.py --checkpoint CKPT --results out/demo/transfer-imdb/results.json --value 2    # positive
+    python tools/generate.py --checkpoint CKPT --results out/demo/transfer-imdb/results.json --value -2   # negative
+    python tools/generate.py --neuron 1016 --value -3 --prime "This movie"   # the released model's best IMDB unit
                                                    # (sign -): -3 leans positive, +3 negative (README)
-    python generate.py --checkpoint CKPT --neuron 2388 --text "Great film, awful ending." --heatmap fire.html
+    python tools/generate.py --checkpoint CKPT --neuron 2388 --text "Great film, awful ending." --heatmap fire.html
 
 The prime is framed like a corpus document (data.normalize without the closing space, so the model
 continues the review; --raw feeds it as is). Any bytes are a valid prime: the model reads bytes. One
 sample streams to stdout as it is written; the output is decoded as UTF-8, invalid bytes replaced.
 """
-import argparse, codecs, json, os, sys, time
+import argparse
+import codecs
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 
 import torch
 
 import data
-import distributed
 import mlstm
-from transfer import DEVICES, DTYPES, heatmap_html, unit_trace, writable
+from plumbing import cli, checkpoints
+from plumbing.reports import heatmap_html
+from transfer import DEVICES, DTYPES, unit_trace
 
 
 def frame(prime):
@@ -85,7 +93,7 @@ def sample(model, prime, length, temperature=1.0, top_k=0, num_samples=1, seed=0
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample (and steer) reviews from a byte mLSTM (see the docstring).")
-    p.add_argument("--checkpoint", default=os.path.relpath(mlstm.RELEASED),
+    p.add_argument("--checkpoint", default=os.path.relpath(checkpoints.RELEASED),
                    help="train.py checkpoint or released model (.pt); default: the released model, %(default)s")
     p.add_argument("--prime", default="", help="text the review starts with, framed like the corpus "
                                                 "(data.normalize): '\\n ' + text")
@@ -112,7 +120,7 @@ def parse_args(argv=None):
                               ("seed", a.seed, 0 <= a.seed < 2**63, "in [0, 2^63)")):
         if not ok:
             p.error(f"--{flag} must be {rule}, not {v}")
-    if why := distributed.device_problem(a.device, DEVICES):
+    if why := cli.device_problem(a.device, DEVICES):
         p.error(why)
     try:  # argv carries non-UTF-8 bytes as surrogates (PEP 383): os.fsencode gives the raw bytes back
         a.prime = os.fsencode(a.prime) if a.raw else frame(os.fsencode(a.prime))
@@ -145,8 +153,7 @@ def parse_args(argv=None):
         p.error("--value and --heatmap need a neuron: --neuron INDEX or --results results.json")
     if a.text is not None and (not a.heatmap or a.value is not None):
         p.error("--text goes with --heatmap only: it shows the neuron over the text and samples nothing")
-    if a.heatmap and (os.path.isdir(a.heatmap) or not writable(os.path.dirname(os.path.abspath(a.heatmap)))):
-        p.error(f"--heatmap {a.heatmap}: not a file name in an existing, writable folder")
+    cli.check_output_file(p, "--heatmap", a.heatmap)
     made = a.results_model.get("checkpoint")
     if made is not None and made != os.path.abspath(a.checkpoint):
         print(f"warning: --results {a.results} was made with {made}, not --checkpoint {a.checkpoint}", file=sys.stderr)
@@ -155,7 +162,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
-    model, config = mlstm.load_pretrained(a.checkpoint, a.device)
+    model, config = checkpoints.load_pretrained(a.checkpoint, a.device)
     if a.results_model.get("hidden", model.hidden) != model.hidden:
         raise SystemExit(f"error: --results {a.results} is for a model of {a.results_model['hidden']} units, "
                          f"--checkpoint {a.checkpoint} has {model.hidden}")
@@ -199,14 +206,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RuntimeError as e:
-        if not distributed.out_of_memory(e):
-            raise
-        sys.exit(f"error: out of memory ({str(e).strip()[:300]}); lower --length or --num-samples")
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except BrokenPipeError:  # stdout closed early (| head): stop quietly, as other command-line tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail
-        sys.exit(1)
+    cli.main_guard(main, oom="lower --length or --num-samples")

@@ -6,9 +6,9 @@ For one hidden size, batch, sequence length and dtype on one device, up to seven
   graph  ours with train.py --cuda-graph: the recurrent loop's forward and backward replayed as CUDA graphs
          (CUDA only; captured during the warm-up steps).
   triton ours with train.py --triton: each step's gate math as one fused Triton kernel per direction
-         (kernels.py; CUDA only). graph-triton: both flags.
+         (fast/kernels.py; CUDA only). graph-triton: both flags.
   recompute  ours with train.py --recompute S (--recompute here, default 32): activation checkpointing in
-         segments of S timesteps, less memory for one more forward of the loop (mlstm.recomputed).
+         segments of S timesteps, less memory for one more forward of the loop (fast/loop.py).
   plain  the same model written the obvious way: nn.Linear layers under torch's weight-norm
          parametrization (recomputed at every use, so every timestep), a Python loop over time doing
          everything per step. Same math: tests/test_bench.py checks its loss equals ours on the same weights.
@@ -26,10 +26,10 @@ Reference, Puri et al. 2018 (arXiv 1808.01371): V100s trained the 4096-d mLSTM a
 per GPU (0.81 s per 256x256-character iteration), ~0.5 GFLOP per character for training
 (flops_per_char("ours", 4096) = 0.52e9), so ~42 TFLOP/s: a third of the V100's 125 TFLOP/s fp16 peak.
 
-    python bench.py                                          # the demo: hidden 256, batch 32, seq 64, fp32, CPU
-    python bench.py --hidden paper --batch-size 256 --seq-len 256 --dtype fp16 --device cuda
-    python bench.py --hidden 4096 --batch-size 512 --seq-len 256 --dtype bf16 --only ours,lstm --json out/bench.json
-    python bench.py --hidden 4096 --batch-size 512 --seq-len 256 --dtype fp16 --device cuda --only ours,triton,graph-triton
+    python tools/bench.py                                          # the demo: hidden 256, batch 32, seq 64, fp32, CPU
+    python tools/bench.py --hidden paper --batch-size 256 --seq-len 256 --dtype fp16 --device cuda
+    python tools/bench.py --hidden 4096 --batch-size 512 --seq-len 256 --dtype bf16 --only ours,lstm --json out/bench.json
+    python tools/bench.py --hidden 4096 --batch-size 512 --seq-len 256 --dtype fp16 --device cuda --only ours,triton,graph-triton
 """
 import argparse
 import gc
@@ -41,12 +41,15 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
+
 import torch
 import torch.nn as nn
 
 import distributed
 import fp16
 from mlstm import MLSTM, PRESETS, detach_state, loss_fn
+from plumbing import cli
 
 KINDS = ("ours", "graph", "triton", "graph-triton", "recompute", "plain", "lstm")
 CUDA_ONLY = ("graph", "triton", "graph-triton")
@@ -223,7 +226,7 @@ def measure(kind, hidden, batch, seq_len, dtype="fp32", device="cpu", steps=10, 
                 times.append(time.perf_counter() - t0)
         skipped = int(mp.skipped) - skipped0
     except RuntimeError as e:  # torch.OutOfMemoryError is one
-        if not distributed.out_of_memory(e):
+        if not cli.out_of_memory(e):
             raise
         row["error"] = "out of memory"
         return row  # the failed step's tensors go with this frame; the next row's empty_cache frees them
@@ -312,7 +315,7 @@ def parse_args(argv=None):
         p.error("--peak-tflops must be positive")
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if why := distributed.device_problem(a.device):
+    if why := cli.device_problem(a.device):
         p.error(why)
     device = torch.device(a.device)
     if a.json:  # now, not after the whole table has been measured
@@ -336,4 +339,5 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = parse_args()
+    cli.main_guard(lambda: main(args))

@@ -8,14 +8,14 @@ command resumes an interrupted sweep (a run cut off midway restarts from scratch
 command changed is moved aside to runs/NAME.replaced-DATE and trained again).
 
     # the CPU-scale tables (tiny models: 28 min on one thread of a shared 2-core machine)
-    OMP_NUM_THREADS=1 python experiments.py --scale cpu
-    OMP_NUM_THREADS=1 python experiments.py --scale cpu --only lr             # one experiment
-    python experiments.py --scale cpu --dry-run                               # print the train.py commands only
+    OMP_NUM_THREADS=1 python tools/experiments.py --scale cpu
+    OMP_NUM_THREADS=1 python tools/experiments.py --scale cpu --only lr             # one experiment
+    python tools/experiments.py --scale cpu --dry-run                               # print the train.py commands only
     # the GPU scale: same script, bigger flags, train.py --cuda-graph --triton in every run (measure one run
     # first, then size --chars to the time left)
-    python experiments.py --scale gpu --chars 2e8 --lr-chars 1e8
+    python tools/experiments.py --scale gpu --chars 2e8 --lr-chars 1e8
     # the held-out BPC of a checkpoint, as in the tables
-    python experiments.py --bpc out/experiments/runs/h128_b32_t64_none-0.002_fp32_3M/ckpt.pt
+    python tools/experiments.py --bpc out/experiments/runs/h128_b32_t64_none-0.002_fp32_3M/ckpt.pt
 
 Experiments (flags; `--scale` fills in the ones not given):
   size       --hidden-sizes at --size-batch, one --chars budget; BPC, SST-2 / IMDB accuracy (all units, neuron).
@@ -46,15 +46,16 @@ import sys
 import time
 from functools import partial
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: runs start there
+sys.path.insert(0, ROOT)  # its modules
+
 import torch
 
 import data
-import distributed
 import fp16
-import mlstm
 import train
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
+from plumbing import cli
+from plumbing.checkpoints import load_pretrained
 
 SCALES = {
     # sizes measured on a shared 2-core CPU with one thread: hidden 64/128/256 at batch 32 x 64 take about
@@ -164,7 +165,8 @@ def write_json(path, obj):
 def code_version():
     """sha1 prefixes of the files a run executes: another edit of them mid-sweep shows up in the tables."""
     out = {}
-    for name in ("mlstm.py", "train.py", "fp16.py", "data.py", "distributed.py"):
+    for name in ("mlstm.py", "train.py", "fp16.py", "data.py", "distributed.py", "fast/loop.py",
+                 "fast/kernels.py"):
         with open(os.path.join(ROOT, name), "rb") as f:
             out[name] = hashlib.sha1(f.read()).hexdigest()[:10]
     return out
@@ -189,7 +191,7 @@ def heldout_bpc(checkpoint, rows=16, seq=256, windows=32, split="test", device="
     """BPC of a train.py checkpoint (fp32) on `rows` streams x `windows` windows of `seq` bytes of its corpus'
     `split`, state carried (train.evaluate). Fewer rows when the split is small; the corpus is prepared first
     if its cache is gone (log: its progress). -> dict(bpc, chars, ...)."""
-    model, cfg = mlstm.load_pretrained(checkpoint, device)
+    model, cfg = load_pretrained(checkpoint, device)
     try:
         where = [cfg[k] for k in ("data", "cache_dir", "text_field", "val_frac", "test_frac")]
     except KeyError as e:
@@ -335,7 +337,7 @@ def eval_run(r, a):
     if got is None or got.get("requested") != want:
         t0 = time.time()
         got = heldout_bpc(r.ckpt, **want)
-        argv = ["experiments.py", "--bpc", rel(r.ckpt), "--eval-rows", got["rows"], "--eval-seq", got["seq"],
+        argv = ["tools/experiments.py", "--bpc", rel(r.ckpt), "--eval-rows", got["rows"], "--eval-seq", got["seq"],
                 "--eval-windows", got["windows"], "--device", a.device]
         got.update(requested=want, command=command(argv, a), wall_s=round(time.time() - t0, 2))
         write_json(path, got)
@@ -491,7 +493,7 @@ def tables(a, exps, recs, meta):
           f"Corpus: {what}`{a.data}`, prepared into "
           f"`{meta['corpus']}`: train {meta['train_bytes'] / 1e6:.1f} MB, held-out test split "
           f"{meta['test_bytes'] / 1e6:.2f} MB. Device {a.device}, {omp_threads(a) or 'default'} thread(s), "
-          f"torch {meta['torch']}. Held-out BPC: `experiments.py --bpc` (fp32 weights, test split, "
+          f"torch {meta['torch']}. Held-out BPC: `tools/experiments.py --bpc` (fp32 weights, test split, "
           f"{shapes}, the same text for every run). "
           f"Transfer: `transfer.py`, test accuracy in % of the L1 logistic regression on all cell units / of "
           f"the single sentiment neuron. Chance is 50%.", ""]
@@ -697,7 +699,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
-    if not a.dry_run and (why := distributed.device_problem(a.device)):  # a dry run may plan for another machine
+    if not a.dry_run and (why := cli.device_problem(a.device)):  # a dry run may plan for another machine
         raise SystemExit(f"error: {why}")
     os.chdir(ROOT)  # paths (ours and the checkpoints' configs) are relative to the repo root
     if a.threads:
@@ -743,7 +745,7 @@ def main(argv=None):
     md = tables(a, exps, recs, meta)
     md += (f"\nSweep: {len(runs)} training runs; compute {compute / 60:.1f} min (train + held-out BPC + transfer, "
            f"summed over the runs), this invocation {wall / 60:.1f} min. Command: "
-           f"`{command(['experiments.py', *(argv if argv is not None else sys.argv[1:])], a)}`\n")
+           f"`{command(['tools/experiments.py', *(argv if argv is not None else sys.argv[1:])], a)}`\n")
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(md)
     write_json(os.path.join(a.out, "results.json"),
@@ -755,9 +757,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}")
-    except OSError as e:  # an --out or --cache-dir that cannot be written; a file gone meanwhile
-        raise SystemExit(f"error: {type(e).__name__}: {e}")
+    cli.main_guard(main)

@@ -1,0 +1,1 @@
+"""Plumbing: file formats, checkpoint files, run folders and logs, command-line checks. No technique here."""

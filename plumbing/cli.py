@@ -1,0 +1,106 @@
+"""Command-line plumbing shared by every script: flag checks, and the one __main__ error guard.
+
+A user's mistake (a bad file, too little memory, ctrl-C, a closed pipe, a peer process that died) ends a
+script with one line naming the problem, never a traceback from deep inside; a bug still shows its traceback.
+"""
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from plumbing.sources import DataError
+
+
+def require(p, a, names, ok, rule):
+    """p.error for the first flag of `names` (attribute names of `a`) whose value, when given, fails ok():
+    '--flag-name must be RULE'."""
+    for name in names:
+        value = getattr(a, name)
+        if value is not None and not ok(value):
+            p.error(f"--{name.replace('_', '-')} must be {rule}")
+
+
+def device_problem(device, names=("cpu", "cuda")):
+    """Why the --device string `device` cannot be used on this machine, as a message, or None. `names`: the
+    device types the caller takes (cuda:N always included), as its message lists them."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # "gpu", "auto"
+        dev = None
+    if dev is None or dev.type not in names:
+        return f"--device {device}: expected {', '.join(names)} or cuda:N"
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        return f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} visible)"
+    return None
+
+
+def writable(folder):
+    return os.path.isdir(folder) and os.access(folder, os.W_OK)
+
+
+def check_output_file(p, flag, path):
+    """p.error unless `path` can be written as a file: a name in an existing, writable folder."""
+    if path and (os.path.isdir(path) or not writable(os.path.dirname(os.path.abspath(path)))):
+        p.error(f"{flag} {path}: not a file name in an existing, writable folder")
+
+
+def progress(label, total, every=2.0):
+    """A progress line on stderr, at most every `every` seconds (and at the end): update(texts_done, bytes_done)."""
+    start, last = time.time(), [0.0]
+
+    def update(n, nbytes, final=False):
+        now = time.time()
+        if final or now - last[0] > every:
+            last[0], el = now, max(now - start, 1e-9)
+            eta = el * (total - n) / max(n, 1)
+            end = "\n" if final or not sys.stderr.isatty() else "\r"
+            print(f"{label}: {n}/{total} texts, {n / el:.1f} texts/s, {nbytes / el / 1e3:.1f} kB/s, "
+                  f"{el:.0f}s elapsed, eta {eta:.0f}s", end=end, file=sys.stderr, flush=True)
+    return update
+
+
+def out_of_memory(e):
+    """Whether exception e is a failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(e)
+
+
+def main_guard(main, oom="lower --batch-size", interrupted=None):
+    """Run main() as a script's __main__. Bad input (DataError, OSError) and running out of memory end with one
+    'error: ...' line (exit 1; `oom`: the hint), ctrl-C with the `interrupted` line (exit 130), a closed stdout
+    quietly (exit 1). Under torchrun, a collective that failed because a peer died or hangs names this rank
+    and exits at once: the process group's threads, still waiting on the lost peer, would abort a normal exit."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        if interrupted:
+            print(interrupted, file=sys.stderr, flush=True)
+        sys.exit(130)
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail
+        sys.exit(1)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:  # e.g. an unwritable output: the message names the path
+        sys.exit(f"error: {type(e).__name__}: {e}")
+    except RuntimeError as e:
+        multi = dist.is_initialized()
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if out_of_memory(e):
+            why = f"out of memory ({first}); {oom}"
+        elif multi and (isinstance(e, dist.DistError) or "gloo" in str(e) or "NCCL" in str(e)):
+            why = (f"a collective with the other processes failed ({first}). Another process died or stopped "
+                   f"answering (see its log; --timeout bounds the wait); restart with --resume to continue from "
+                   f"the last checkpoint.")
+        elif multi:  # not the peers' fault: the whole story
+            traceback.print_exc()
+            why = f"{type(e).__name__}: {first}"
+        else:
+            raise
+        if not multi:
+            sys.exit(f"error: {why}")
+        print(f"error: rank {dist.get_rank()}: {why}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)

@@ -1,0 +1,75 @@
+"""What transfer.py writes for a person to look at: the neuron per byte as HTML, its histogram by class.
+
+Every file is written whole or not at all (a temporary file, then an atomic rename).
+"""
+import codecs
+import html
+import os
+
+import numpy as np
+
+
+def write_file(path, text):
+    """Write `text` to `path` whole or not at all: a temporary file, then an atomic rename."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def heatmap_html(byte_strings, activations, path=None, title="", vmax=None):
+    """HTML page, one block per text, every character coloured by the value at its (last) byte: green
+    positive, red negative, full colour at |value| = vmax (default: the largest |value|). Returns the page."""
+    if len(byte_strings) != len(activations):
+        raise ValueError(f"{len(byte_strings)} texts but {len(activations)} activation rows")
+    vals = [np.asarray(a, dtype=np.float64).reshape(-1) for a in activations]
+    for i, (b, v) in enumerate(zip(byte_strings, vals)):
+        if len(b) != len(v):
+            raise ValueError(f"text {i}: {len(b)} bytes but {len(v)} values")
+    vmax = vmax or max([float(np.abs(v).max()) for v in vals if len(v)] + [1e-12])
+    blocks = []
+    for b, v in zip(byte_strings, vals):
+        dec, spans = codecs.getincrementaldecoder("utf-8")("replace"), []
+        for j in range(len(b)):
+            ch = dec.decode(b[j : j + 1])
+            if ch:
+                s = max(-1.0, min(1.0, v[j] / vmax))
+                col = f"rgba(0,170,0,{s:.3f})" if s > 0 else f"rgba(230,0,0,{-s:.3f})"
+                spans.append(f'<span style="background:{col}" title="{v[j]:.4g}">'
+                             f'{html.escape(ch.replace(chr(10), chr(0x21B5)))}</span>')
+        blocks.append('<div class="t">' + "".join(spans) + "</div>")
+    page = ('<!doctype html><meta charset="utf-8"><title>{0}</title><style>body{{font-family:monospace;'
+            'max-width:70em}} .t{{margin:1em 0;white-space:pre-wrap;line-height:1.7}}</style><h3>{0}</h3>'
+            '<p>green positive, red negative; full colour at |value| = {1:.4g}; hover for values</p>\n{2}\n'
+            ).format(html.escape(title), vmax, "\n".join(blocks))
+    if path:
+        write_file(path, page)
+    return page
+
+
+def histogram_text(values, labels, bins=20, width=30):
+    counts = [np.histogram(values[labels == k], bins=bins, range=(values.min(), values.max() + 1e-9))
+              for k in (0, 1)]
+    edges, top = counts[0][1], max(max(c[0].max() for c in counts), 1)
+    lines = [f"{'value':>9}  {'negative':<{width + 6}}  positive"]
+    for i in range(bins):
+        n0, n1 = counts[0][0][i], counts[1][0][i]
+        lines.append(f"{edges[i]:9.3f}  {n0:5d} {'#' * round(width * n0 / top):<{width}}  "
+                     f"{n1:5d} {'#' * round(width * n1 / top)}")
+    return "\n".join(lines)
+
+
+def histogram_png(values, labels, xlabel, path):
+    """The histogram of `values` per class as a PNG, where matplotlib is installed (it is not a dependency)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    plt.figure(figsize=(6, 3.5))
+    for k, name in ((0, "negative"), (1, "positive")):
+        plt.hist(values[labels == k], bins=40, alpha=0.6, label=name)
+    plt.xlabel(xlabel), plt.legend(), plt.tight_layout()
+    plt.savefig(path + ".tmp", format="png", dpi=120)
+    plt.close()
+    os.replace(path + ".tmp", path)
