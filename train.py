@@ -31,7 +31,7 @@ import distributed
 import fp16
 from mlstm import MLSTM, PRESETS, detach_state, loss_fn, model_config
 from plumbing import cli
-from plumbing.checkpoints import export, load_checkpoint, restore, save_checkpoint
+from plumbing.checkpoints import export, load_checkpoint, restore, save_checkpoint, training_checkpoint
 from plumbing.run_folder import RunLog, claimed, start_run_files
 
 
@@ -114,11 +114,9 @@ def train(cfg, d, log):
         # After the step's events: a run killed once its checkpoint is written resumes with all of them logged.
         if step % cfg["save_every"] == 0 or step == end:  # save steps are log steps (--save-every is checked)
             with run.paused():
-                full = [distributed.gather_rows(s.float()).cpu() for s in state]  # every rank's rows
+                ckpt = training_checkpoint(mp, opt, step, state, cfg)  # on every rank: it gathers the state
                 if d.main:
-                    save_checkpoint(os.path.join(cfg["out"], "ckpt.pt"), {
-                        "model": mp.master_state_dict(), "optimizer": opt.state_dict(), "scaler": mp.state_dict(),
-                        "step": step, "state": full, "rng": torch.get_rng_state(), "config": cfg})
+                    save_checkpoint(os.path.join(cfg["out"], "ckpt.pt"), ckpt)
             run.saved(step)
     if step_start == total:  # --resume of a finished run: its final evaluation is already in metrics.jsonl
         log(f"--resume: the run in {cfg['out']} was already complete at step {total}: nothing to do")

@@ -14,6 +14,7 @@ import zipfile
 
 import torch
 
+import distributed
 from mlstm import MLSTM, model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,6 +130,14 @@ def load_checkpoint(out, config, log, main=True):
                          f"to start afresh.")
     log(f"--resume: no checkpoint in {out} yet: starting at step 0")  # a first start under torchrun --max-restarts
     return None
+
+
+def training_checkpoint(mp, opt, step, state, cfg):
+    """What train.py saves at `step`: the float32 masters, Adam's state, the loss scaler, every rank's rows of the
+    carried state (gathered: call it on every rank), the RNG and the config."""
+    full = [distributed.gather_rows(s.float()).cpu() for s in state]
+    return {"model": mp.master_state_dict(), "optimizer": opt.state_dict(), "scaler": mp.state_dict(),
+            "step": step, "state": full, "rng": torch.get_rng_state(), "config": cfg}
 
 
 def restore(ckpt, opt, mp, rows, device, dtype):
