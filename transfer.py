@@ -1,65 +1,78 @@
 """Transfer learning: featurise text with the pretrained byte mLSTM, fit logistic regression, find the
-sentiment neuron.
+sentiment neuron, and keep the result as an output model that classify.py applies to new text.
 
 Radford et al. 2017 (arXiv 1704.01444) sections 3.1-3.2 and Puri et al. 2018 (arXiv 1808.01371), "Transfer
 learning": each text is normalised (data.normalize, the pretraining corpus' function) and read byte by byte;
-its feature is the mLSTM cell state after the last byte (--feature hidden: the hidden state; mean: the cell
-state averaged over time). A logistic regression on the standardised features (bias unpenalised) is fitted
-with an L1 penalty (the reference's choice) and with L2 (fast/logistic.py), its C picked on validation over
-2^-8 ... 2^2 (ties: the smaller C) and reported on test. The sentiment neuron is the unit with the largest
-|weight| under L1; it is also scored alone (one threshold fitted on train). Baseline: the same classifier on
-bag-of-words counts of the same splits.
+its feature is the mLSTM cell state after the last byte (`cell`, the paper's). Beyond the paper, pools over all
+of the text's bytes (ULMFiT's and sentiment-discovery's): the cell state's mean or max, `concat` = last, mean
+and max side by side, and the same of the hidden state. A logistic regression on the standardised features
+(bias unpenalised) is fitted with an L1 penalty (the reference's choice) and with L2 (fast/logistic.py), its C
+picked on validation over 2^-8 ... 2^2 (ties: the smaller C) and reported on test. The sentiment neuron is the
+unit with the largest |weight| under L1; it is also scored alone (one threshold fitted on train). Baseline:
+the same classifier on bag-of-words counts of the same splits.
 
     python transfer.py --task sst2 --data-dir ../shared/data/sst2   # the released model (models/), the default
-    python transfer.py --checkpoint CKPT --task sst2 --data-dir ../shared/data/sst2
+    python transfer.py --task sst2 --data-dir ../shared/data/sst2 --feature all      # every feature, one pass
     python transfer.py --checkpoint CKPT --task imdb --data-dir ../shared/data/imdb [--limit 2000]
     python transfer.py --checkpoint CKPT --train a.csv [--val b.csv] --test c.jsonl \\
         --text-column text --label-column label
-    options: --feature cell|hidden|mean  --penalty l1|l2  --json results.json  --out DIR  --cache-dir DIR
-             --device cuda|cpu  --dtype fp32|fp16|bf16  --batch-size 64  --chunk 256
+    options: --feature cell,mean,max,concat,hidden,hidden-concat|all  --penalty l1|l2  --json results.json
+             --out DIR  --cache-dir DIR  --device cuda|cpu  --dtype fp32|fp16|bf16  --batch-size 64  --chunk 256
+    python classify.py --model CKPT_DIR/transfer-sst2/classifier.pt "A gripping, funny film."
 
-Features are cached as .npy in --cache-dir (default CKPT_DIR/features/, safe to delete; plumbing/feature_cache.py).
-Writes to --out (default CKPT_DIR/transfer-TASK/): results.json, heatmap.html (the neuron per byte),
-histogram.txt (+ .png). The labelled-file readers are plumbing/labeled.py.
+Of the features asked for, the one whose --penalty fit is best on validation is reported and written as the
+output model (--out/classifier.pt: plumbing/output_model.py). Features are cached as .npy in --cache-dir
+(default CKPT_DIR/features/, safe to delete). Writes to --out (default CKPT_DIR/transfer-TASK/): results.json,
+classifier.pt, heatmap.html (the neuron per byte, each text's label and prediction), histogram.txt (+ .png).
 """
 import argparse
 import json
 import os
-import re
+import sys
 import time
-from collections import Counter
 
 import numpy as np
 import torch
 
 import data
-import mlstm
 from fast.logistic import fit_l1, fit_l2
-from plumbing import cli, feature_cache, labeled
+from plumbing import cli, feature_cache, labeled, output_model
+from plumbing.baseline import bag_of_words
 from plumbing.checkpoints import RELEASED, load_pretrained
-from plumbing.reports import heatmap_html, histogram_png, histogram_text, write_file
+from plumbing.reports import neuron_pictures, table, write_results
 
-FEATURES = ("cell", "hidden", "mean")
+# A feature pools the cell state c (or the hidden state h) of every byte of a text; several pools side by side.
+FEATURES = {
+    "cell": (("c", "last"),),  # Radford et al.'s: the cell state after the last byte
+    "hidden": (("h", "last"),),
+    "mean": (("c", "mean"),),
+    "max": (("c", "max"),),
+    "concat": (("c", "last"), ("c", "mean"), ("c", "max")),  # ULMFiT's concatenated pooling, of the cell state
+    "hidden-concat": (("h", "last"), ("h", "mean"), ("h", "max")),  # finetune.py's head reads this one
+}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # --device types: cpu, cuda, and Apple's GPU where there is one (inference only; untested here)
 DEVICES = ("cpu", "cuda") + (("mps",) if torch.backends.mps.is_available() else ())
 GRID = [2.0 ** k for k in range(-8, 3)]  # C = 2^-8 ... 2^2
+SPLITS = ("train", "val", "test")
 
 
 @torch.inference_mode()
 def featurize(model, byte_strings, feature="cell", batch_size=64, chunk=256, progress=None):
-    """[N, H] features of `byte_strings`: computed on the model's device in its dtype, returned as a float32
-    numpy array.
+    """[N, D] features of `byte_strings` (D = H per pool), or {name: [N, D]} for a tuple of names, all in one
+    pass: computed on the model's device in its dtype, returned as float32 numpy arrays.
 
-    Texts are sorted by length (longest first) and right-padded, and each text's feature is read at its
-    own last byte, so padding never changes it. Long texts go through in `chunk`-byte windows with the
-    state carried; a row leaves the batch once its text is done (the active rows are a prefix)."""
-    if feature not in FEATURES:
-        raise ValueError(f"feature must be one of {FEATURES}, not {feature!r}")
-    p = model.wh
+    Texts are sorted by length (longest first) and right-padded; each text's pools read its own bytes only, so
+    padding never changes them. Long texts go through in `chunk`-byte windows with the state carried; a row
+    leaves the batch once its text is done (the active rows are a prefix)."""
+    names = (feature,) if isinstance(feature, str) else tuple(feature)
+    if unknown := [f for f in names if f not in FEATURES]:
+        raise ValueError(f"feature must be one of {tuple(FEATURES)}, not {unknown[0]!r}")
+    pools = list(dict.fromkeys(sp for f in names for sp in FEATURES[f]))  # (state, pool) pairs
+    dev = model.wh.device
     lengths = np.array([len(b) for b in byte_strings], dtype=np.int64)
     order = np.argsort(-lengths, kind="stable")
-    out = torch.zeros(len(byte_strings), model.hidden)
+    out = {sp: torch.zeros(len(byte_strings), model.hidden) for sp in pools}
     done_bytes = 0
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
@@ -67,41 +80,57 @@ def featurize(model, byte_strings, feature="cell", batch_size=64, chunk=256, pro
         x = np.zeros((len(idx), max(int(lens[0]), 1)), dtype=np.int64)  # [b, longest]
         for r, i in enumerate(idx):
             x[r, : lens[r]] = np.frombuffer(byte_strings[i], dtype=np.uint8)
-        x, lens_t = torch.from_numpy(x).to(p.device), torch.from_numpy(lens).to(p.device)
+        x, lens_t = torch.from_numpy(x).to(dev), torch.from_numpy(lens).to(dev)
         h, c = model.zero_state(len(idx))
-        acc = torch.zeros(len(idx), model.hidden, device=p.device)
+        acc = {sp: torch.full((len(idx), model.hidden), -torch.inf if sp[1] == "max" else 0.0, device=dev)
+               for sp in pools}  # [b, H] each
         for t0 in range(0, int(lens[0]), chunk):
             a = int((lens > t0).sum())  # rows still reading
             hs, cs, (h, c) = model.rnn(x[:a, t0 : t0 + chunk], (h[:a], c[:a]), return_cells=True)
-            seq = hs if feature == "hidden" else cs  # [a, Tc, H]
+            seqs = {"c": cs.float(), "h": hs.float()}  # [a, Tc, H]
             left = lens_t[:a] - t0  # bytes of each row from t0 on
-            if feature == "mean":
-                valid = torch.arange(seq.shape[1], device=p.device) < left[:, None]  # [a, Tc]
-                acc[:a] += (seq.float() * valid[..., None]).sum(1)
-            else:
-                ends = (left <= seq.shape[1]).nonzero().squeeze(1)  # rows whose last byte is in this window
-                acc[ends] = seq[ends, left[ends] - 1].float()
-        if feature == "mean":
-            acc /= lens_t.clamp(min=1)[:, None].float()
-        out[torch.from_numpy(idx)] = acc.cpu()
+            valid = (torch.arange(hs.shape[1], device=dev) < left[:, None])[..., None]  # [a, Tc, 1]
+            ends = (left <= hs.shape[1]).nonzero().squeeze(1)  # rows whose last byte is in this window
+            for (state, pool), buf in acc.items():
+                if pool == "last":
+                    buf[ends] = seqs[state][ends, left[ends] - 1]
+                elif pool == "mean":
+                    buf[:a] += (seqs[state] * valid).sum(1)
+                else:
+                    buf[:a] = torch.maximum(buf[:a], seqs[state].masked_fill(~valid, -torch.inf).amax(1))
+        for (state, pool), buf in acc.items():
+            if pool == "mean":
+                buf /= lens_t.clamp(min=1)[:, None].float()
+            out[state, pool][torch.from_numpy(idx)] = torch.where(lens_t[:, None] > 0, buf, 0.0).cpu()
         done_bytes += int(lens.sum())
         if progress:
             progress(s + len(idx), done_bytes, final=s + batch_size >= len(order))
-    return out.numpy()
+    X = {f: torch.cat([out[sp] for sp in FEATURES[f]], 1).numpy() for f in names}
+    return X[feature] if isinstance(feature, str) else X
 
 
 def cached_features(model, checkpoint, name, byte_strings, cache_dir, feature="cell", dtype="fp32", **kw):
-    """featurize() through the feature cache (plumbing/feature_cache.py): (features, was_cached)."""
-    path = feature_cache.cache_path(cache_dir, name, checkpoint, byte_strings, feature, dtype)
-    progress = cli.progress(f"featurize {name}", len(byte_strings))
-    return feature_cache.cached(path, (len(byte_strings), model.hidden),
-                                lambda: featurize(model, byte_strings, feature, progress=progress, **kw))
+    """featurize() through the feature cache (plumbing/feature_cache.py): (features, was_cached). A tuple of
+    names comes back as a dict; the ones not cached are computed together in one pass."""
+    names = (feature,) if isinstance(feature, str) else tuple(feature)
+    paths = {f: feature_cache.cache_path(cache_dir, name, checkpoint, byte_strings, f, dtype) for f in names}
+    X = {f: feature_cache.load(paths[f], (len(byte_strings), model.hidden * len(FEATURES[f]))) for f in names}
+    if missing := [f for f in names if X[f] is None]:
+        new = featurize(model, byte_strings, tuple(missing), progress=cli.progress(f"featurize {name}",
+                                                                                   len(byte_strings)), **kw)
+        X.update({f: feature_cache.save(paths[f], new[f]) for f in missing})
+    return (X[feature] if isinstance(feature, str) else X), not missing
+
+
+def moments(train):
+    """train's mean and std per column (std 0 -> 1): the standardisation every split gets."""
+    mu, sd = train.mean(0), train.std(0)
+    return mu, np.where(sd > 1e-12, sd, 1.0)
 
 
 def standardize(train, *others):
     """Scale every split by train's mean and std (std 0 -> 1)."""
-    mu, sd = train.mean(0), train.std(0)
-    sd = np.where(sd > 1e-12, sd, 1.0)
+    mu, sd = moments(train)
     return [(x - mu) / sd for x in (train, *others)]
 
 
@@ -109,14 +138,18 @@ def accuracy(X, y, w, b):
     return float(((np.asarray(X, dtype=np.float64) @ w + b > 0) == (np.asarray(y) == 1)).mean())
 
 
-def fit_select(Xtr, ytr, Xva, yva, penalty="l1", Cs=GRID, device="cpu"):
-    """Fit along the C grid (ascending, warm-started); keep the best validation accuracy (ties: smaller C)."""
+def fit_select(Xtr, ytr, Xva, yva, penalty="l1", Cs=GRID, device="cpu", progress=None):
+    """Fit along the C grid (ascending, warm-started); keep the best validation accuracy (ties: smaller C).
+    progress(line), when given, hears of each fit."""
     fit = fit_l1 if penalty == "l1" else fit_l2
     best, path, init = None, [], None
-    for C in sorted(Cs):
+    for k, C in enumerate(sorted(Cs), 1):
+        t0 = time.time()
         w, b = init = fit(Xtr, ytr, C, init=init, device=device)
         r = dict(C=C, w=w, b=b, val_acc=accuracy(Xva, yva, w, b), nonzero=int((w != 0).sum()))
         path.append({k: r[k] for k in ("C", "val_acc", "nonzero")})
+        if progress:
+            progress(f"C {C:g} ({k}/{len(Cs)}): val {r['val_acc']:.4f}, {r['nonzero']} nonzero, {time.time() - t0:.1f}s")
         if best is None or r["val_acc"] > best["val_acc"]:
             best = r
     return dict(best, path=path)
@@ -137,35 +170,21 @@ def threshold_fit(x, y, sign=1.0):
     return float(t), float(acc[k])
 
 
-def sentiment_neuron(ws, Z, y, log):
+def sentiment_neuron(ws, Z, y, feature, hidden, log):
     """The unit of the largest L1 weight, its sign and the threshold that makes it a classifier alone (fitted on
     train), with its accuracy on each split. An L1 fit that kept no unit (features no better than the majority
     class at the chosen C) leaves the choice to the L2 fit, rather than to unit 0 of an all-zero w."""
     fit = "l1" if np.any(ws["l1"]) else "l2"
     if fit == "l2":
         log("note: the L1 fit kept no unit at the chosen C; the neuron is the L2 fit's largest weight")
-    unit = int(np.argmax(np.abs(ws[fit])))
-    sign = 1.0 if ws[fit][unit] >= 0 else -1.0
-    thr, train_acc = threshold_fit(Z["train"][:, unit], y["train"], sign)
-    acc = {s: float(((sign * Z[s][:, unit] > thr) == (y[s] == 1)).mean()) for s in ("val", "test")}
-    return dict(neuron=unit, neuron_fit=fit, neuron_sign=int(sign), neuron_threshold=thr,
-                neuron_train_acc=train_acc, neuron_val_acc=acc["val"], neuron_test_acc=acc["test"])
-
-
-def bag_of_words(train_texts, *others, vocab=2000):
-    """Count matrices over the `vocab` lowercase words found in the most train texts (ties: alphabetical)."""
-    tok = lambda t: re.findall(r"[a-z0-9']+", t.lower())  # noqa: E731
-    counts = Counter(w for t in train_texts for w in set(tok(t)))
-    words = {w: i for i, (w, _) in enumerate(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:vocab])}
-    mats = []
-    for texts in (train_texts, *others):
-        M = np.zeros((len(texts), len(words)), dtype=np.float32)
-        for r, t in enumerate(texts):
-            for w in tok(t):
-                if w in words:
-                    M[r, words[w]] += 1
-        mats.append(M)
-    return mats
+    index = int(np.argmax(np.abs(ws[fit])))
+    sign = 1.0 if ws[fit][index] >= 0 else -1.0
+    thr, train_acc = threshold_fit(Z["train"][:, index], y["train"], sign)
+    acc = {s: float(((sign * Z[s][:, index] > thr) == (y[s] == 1)).mean()) for s in ("val", "test")}
+    state, pool = FEATURES[feature][index // hidden]  # which pool of which state, and its unit
+    return dict(neuron=index, neuron_unit=index % hidden, neuron_state=state, neuron_pool=pool, neuron_fit=fit,
+                neuron_sign=int(sign), neuron_threshold=thr, neuron_train_acc=train_acc,
+                neuron_val_acc=acc["val"], neuron_test_acc=acc["test"])
 
 
 @torch.inference_mode()
@@ -173,16 +192,29 @@ def unit_trace(model, byte_string, unit, feature="cell"):
     """The value of one unit after every byte of one text ([len] float array): cell state, or hidden."""
     x = torch.tensor(list(byte_string), dtype=torch.int64, device=model.wh.device)[None]
     hs, cs, _ = model.rnn(x, return_cells=True)
-    return (hs if feature == "hidden" else cs)[0, :, unit].float().cpu().numpy()
+    return (hs if feature in ("hidden", "h") else cs)[0, :, unit].float().cpu().numpy()
 
 
-def fit_scored(Z, y, penalty, device):
-    """fit_select on standardised train/val, scored on train, val and test; with the weights."""
+def fit_scored(Z, y, penalty, device, label):
+    """fit_select on standardised train/val, scored on train, val and test, its progress on stderr;
+    -> (the scores, (w, b))."""
     t0 = time.time()
-    r = fit_select(Z["train"], y["train"], Z["val"], y["val"], penalty, device=device)
+    r = fit_select(Z["train"], y["train"], Z["val"], y["val"], penalty, device=device,
+                   progress=lambda line: print(f"fit {label} {penalty}: {line}", file=sys.stderr, flush=True))
     return dict(C=r["C"], nonzero=r["nonzero"], train_acc=accuracy(Z["train"], y["train"], r["w"], r["b"]),
                 val_acc=r["val_acc"], test_acc=accuracy(Z["test"], y["test"], r["w"], r["b"]),
-                seconds=round(time.time() - t0, 2), path=r["path"]), r["w"]
+                seconds=round(time.time() - t0, 2), path=r["path"]), (r["w"], r["b"])
+
+
+def fit_feature(feature, X, y, hidden, device, log):
+    """Both penalties' fits on one feature, and its sentiment neuron."""
+    mu, sd = moments(X["train"])
+    Z = {s: (X[s] - mu) / sd for s in SPLITS}
+    fits, wb = {}, {}
+    for pen in ("l1", "l2"):
+        fits[pen], wb[pen] = fit_scored(Z, y, pen, device, feature)
+    return dict(fits=fits, wb=wb, moments=(mu, sd),
+                neuron=sentiment_neuron({p: w for p, (w, _) in wb.items()}, Z, y, feature, hidden, log))
 
 
 def run(a, log=print):
@@ -195,67 +227,65 @@ def run(a, log=print):
     model = model.to(dtype=DTYPES[a.dtype]).eval()
     log(f"transfer: {a.checkpoint} (H={model.hidden}) on {a.device} {a.dtype}; "
         + ", ".join(f"{s} {len(t)}" for s, (t, _) in splits.items()))
-    # 1. Features: the state after reading each (normalised) text.
+    # 1. Features: pools of the states after reading each (normalised) text, every feature asked for in one pass.
     X, y, B, stats = {}, {}, {}, {}
-    for s in ("train", "val", "test"):
+    for s in SPLITS:
         B[s], y[s] = [data.normalize(t) for t in splits[s][0]], splits[s][1]
         t0 = time.time()
-        X[s], hit = cached_features(model, a.checkpoint, s, B[s], a.cache_dir, a.feature, a.dtype,
+        X[s], hit = cached_features(model, a.checkpoint, s, B[s], a.cache_dir, tuple(a.feature), a.dtype,
                                     batch_size=a.batch_size, chunk=a.chunk)
         el, nb = time.time() - t0, sum(map(len, B[s]))
         stats[s] = dict(texts=len(B[s]), bytes=nb, seconds=round(el, 3), cached=hit,
                         texts_per_s=round(len(B[s]) / el, 1), bytes_per_s=round(nb / el))
-    # 2. Logistic regression on the standardised features, L1 and L2, C chosen on validation.
-    Z = dict(zip(("train", "val", "test"), standardize(X["train"], X["val"], X["test"])))
+    # 2. Logistic regression, L1 and L2 with C chosen on validation, and the sentiment neuron, per feature.
     t0 = time.time()
-    fits, ws = {}, {}
-    for pen in ("l1", "l2"):
-        fits[pen], ws[pen] = fit_scored(Z, y, pen, a.device)
-    # 3. The sentiment neuron: one unit alone.
-    neuron = sentiment_neuron(ws, Z, y, log)
+    per = {f: fit_feature(f, {s: X[s][f] for s in SPLITS}, y, model.hidden, a.device, log) for f in a.feature}
+    best = max(a.feature, key=lambda f: (per[f]["fits"][a.penalty]["val_acc"], -a.feature.index(f)))
     t1, base = time.time(), None
     if a.bow_vocab:  # the baseline does not depend on the checkpoint: --bow-vocab 0 skips it (a sweep fits it once)
-        bows = standardize(*bag_of_words(*(splits[s][0] for s in ("train", "val", "test")), vocab=a.bow_vocab))
-        base = fit_scored(dict(zip(("train", "val", "test"), bows)), y, a.penalty, a.device)[0]
+        bows = standardize(*bag_of_words(*(splits[s][0] for s in SPLITS), vocab=a.bow_vocab))
+        base = fit_scored(dict(zip(SPLITS, bows)), y, a.penalty, a.device, "bag-of-words")[0]
         base.pop("path")
         base["seconds"] = round(time.time() - t1, 2)
-    main = fits[a.penalty]
+    r, main = per[best], per[best]["fits"][a.penalty]
     res = dict(task=a.task or "files", checkpoint=os.path.abspath(a.checkpoint), hidden=model.hidden,
-               feature=a.feature, penalty=a.penalty, device=a.device, dtype=a.dtype,
+               feature=best, features=list(a.feature), penalty=a.penalty, device=a.device, dtype=a.dtype,
                test_acc=main["test_acc"], val_acc=main["val_acc"], train_acc=main["train_acc"], C=main["C"],
-               nonzero=main["nonzero"], **neuron, baseline_test_acc=base["test_acc"] if base else None,
-               baseline=base, fits=fits, featurize=stats, solver_seconds=round(time.time() - t0, 2))
-    report(a, res, model, B, X, y, log)
+               nonzero=main["nonzero"], **r["neuron"], baseline_test_acc=base["test_acc"] if base else None,
+               baseline=base, fits=r["fits"], by_feature={f: dict(fits=per[f]["fits"], **per[f]["neuron"])
+                                                          for f in a.feature},
+               featurize=stats, solver_seconds=round(time.time() - t0, 2), classifier=os.path.abspath(a.classifier))
+    clf = output_model.probe(best, a.dtype, r["moments"], r["wb"][a.penalty], main["C"], a.penalty, r["neuron"],
+                             a.checkpoint, model.hidden, {k: res[k] for k in ("task", "train_acc", "val_acc", "test_acc")})
+    report(a, res, per, clf, model, B["test"], X["test"][best], y["test"], log)
     return res
 
 
-def report(a, res, model, B, X, y, log):
-    """The results table on the log; heatmap.html, histogram.txt (+ .png) and results.json in --out, the results
-    last, each file whole: a run that fails on the way leaves no results.json beside older pictures."""
-    unit, sign, fits, base = res["neuron"], res["neuron_sign"], res["fits"], res["baseline"]
-    alone = dict(C=float("nan"), nonzero=1, **{f"{s}_acc": res[f"neuron_{s}_acc"] for s in ("train", "val", "test")})
-    rows = [(f"mLSTM {a.feature} + L1", fits["l1"]), (f"mLSTM {a.feature} + L2", fits["l2"]),
-            (f"neuron {unit} ({'+' if sign > 0 else '-'}) alone", alone)]
-    rows += [(f"bag of {a.bow_vocab} words + {a.penalty.upper()}", base)] if base else []
-    log(f"\n{'classifier':<30}{'C':>10}{'nonzero':>9}{'train':>8}{'val':>8}{'test':>8}")
-    for name, r in rows:
-        log(f"{name:<30}{r['C']:>10.4g}{r['nonzero']:>9}{r['train_acc']:>8.4f}{r['val_acc']:>8.4f}{r['test_acc']:>8.4f}")
+def report(a, res, per, clf, model, texts, X, y, log):
+    """The results table on the log, the output model, and the pictures of the neuron: its value per byte on a
+    few test texts (half of each class, an odd one positive) with each text's true label and the output model's
+    prediction, and its value per class (plumbing/reports.py writes them, results.json last)."""
+    log(table(per, res["baseline"], a.bow_vocab, a.penalty) + f"\noutput model: mLSTM {res['feature']} + "
+        f"{a.penalty.upper()} (the best on validation) -> {a.classifier}")
     os.makedirs(a.out, exist_ok=True)
-    # The neuron per byte on a few test texts (half of each class, an odd one positive), and its final value per class.
-    pick = [i for k, n in ((1, (a.heatmap + 1) // 2), (0, a.heatmap // 2)) for i in np.flatnonzero(y["test"] == k)[:n]]
-    shown = [B["test"][i][: a.heatmap_bytes] for i in pick]
-    heatmap_html(shown, [sign * unit_trace(model, b, unit, a.feature) for b in shown],
-                 os.path.join(a.out, "heatmap.html"), f"sentiment neuron {unit} (sign {sign:+.0f}), {a.feature}")
-    hist = histogram_text(sign * X["test"][:, unit], y["test"])
-    write_file(os.path.join(a.out, "histogram.txt"),
-               f"neuron {unit} x sign {sign:+.0f}: final {a.feature} value on test, by class\n{hist}\n")
-    log(f"\nneuron {unit} x sign {sign:+.0f}, final {a.feature} value on test:\n{hist}")
-    histogram_png(sign * X["test"][:, unit], y["test"], f"neuron {unit} final {a.feature} value",
-                  os.path.join(a.out, "histogram.png"))
-    for path in (os.path.join(a.out, "results.json"), a.json):
-        if path:
-            write_file(path, json.dumps(res, indent=1))
-    log(f"\nwrote {a.out}/results.json, heatmap.html, histogram.txt" + (f" and {a.json}" if a.json else ""))
+    output_model.save(a.classifier, clf)
+    unit, state, sign = res["neuron_unit"], res["neuron_state"], res["neuron_sign"]
+    pick = [i for k, m in ((1, (a.heatmap + 1) // 2), (0, a.heatmap // 2)) for i in np.flatnonzero(y == k)[:m]]
+    logits, value = output_model.decide(clf, X)
+    shown = [texts[i][: a.heatmap_bytes] for i in pick]
+    neuron_pictures(a.out, shown, [sign * unit_trace(model, b, unit, state) for b in shown], y[pick], logits[pick],
+                    value, y, f"neuron {unit} (sign {sign:+d}) of the {res['neuron_pool']} "
+                    f"{'cell' if state == 'c' else 'hidden'} state", log)
+    write_results(a.out, a.json, res, log)
+
+
+def feature_list(s):
+    """--feature: comma-separated names of FEATURES, or all."""
+    names = list(FEATURES) if s == "all" else [f for f in s.split(",") if f]
+    if not names or set(names) - set(FEATURES) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct names from {', '.join(FEATURES)} (comma-separated), "
+                                         f"or all; not {s!r}")
+    return names
 
 
 def parse_args(argv=None):
@@ -273,7 +303,8 @@ def parse_args(argv=None):
                    "no validation file (imdb; --train without --val); sst2 uses its dev.csv")
     p.add_argument("--seed", type=int, default=0, help="seed of the carved validation and of --limit")
     p.add_argument("--limit", type=int, help="use at most N texts per split (a seeded subset)")
-    p.add_argument("--feature", choices=FEATURES, default="cell", help="cell state after the last byte (paper)")
+    p.add_argument("--feature", type=feature_list, default=["cell"], help="features, comma-separated, or all: "
+                   f"{', '.join(FEATURES)} (default: cell, the state after the last byte: the paper's)")
     p.add_argument("--penalty", choices=("l1", "l2"), default="l1", help="the reported classifier (both are fitted)")
     p.add_argument("--bow-vocab", type=int, default=2000, help="words of the bag-of-words baseline (0: skip the baseline)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -282,6 +313,7 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=256, help="bytes per window of long texts (state carried)")
     p.add_argument("--cache-dir", help="feature cache (default: CHECKPOINT_DIR/features); deletable")
     p.add_argument("--out", help="output folder (default: CHECKPOINT_DIR/transfer-TASK)")
+    p.add_argument("--classifier", help="where the output model goes (default: OUT/classifier.pt)")
     p.add_argument("--json", help="also write the results JSON here")
     p.add_argument("--heatmap", type=int, default=8, help="N test texts in heatmap.html, half of each class (an odd "
                    "N: one more positive; fewer where a class has fewer texts); 0: none")
@@ -305,12 +337,15 @@ def parse_args(argv=None):
     ckpt_dir = os.path.dirname(os.path.abspath(a.checkpoint))
     a.cache_dir = a.cache_dir or os.path.join(ckpt_dir, "features")
     a.out = a.out or os.path.join(ckpt_dir, f"transfer-{a.task or 'files'}")
+    a.classifier = a.classifier or os.path.join(a.out, "classifier.pt")
     existing = os.path.abspath(a.out)  # checked now, not after the featurising and fitting; created by run()
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not cli.writable(existing):
         p.error(f"--out {a.out}: {existing} is not a writable folder")
     cli.check_output_file(p, "--json", a.json)
+    if os.path.dirname(os.path.abspath(a.classifier)) != os.path.abspath(a.out):
+        cli.check_output_file(p, "--classifier", a.classifier)
     return a
 
 

@@ -21,15 +21,17 @@ def cache_path(cache_dir, name, checkpoint, byte_strings, feature, dtype):
     return os.path.join(cache_dir, f"{name}-{feature}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
 
 
-def cached(path, shape, compute):
-    """(array, was_cached): the array in `path` if it has `shape`, else compute()'s, written there first."""
+def load(path, shape):
+    """The array in `path` if it is there, readable and of `shape`; else None."""
     try:
         X = np.load(path)
-        if X.shape == shape:
-            return X, True
     except (ValueError, OSError, EOFError):
-        pass
-    X = compute()
+        return None
+    return X if X.shape == shape else None
+
+
+def save(path, X):
+    """Write X to `path` whole or not at all; returns X."""
     cache_dir = os.path.dirname(path)
     try:
         os.makedirs(cache_dir, exist_ok=True)
@@ -38,4 +40,4 @@ def cached(path, shape, compute):
         os.replace(path + ".tmp", path)
     except OSError as e:
         raise SystemExit(f"{cache_dir}: cannot write the feature cache ({e}); pass --cache-dir")
-    return X, False
+    return X

@@ -52,8 +52,8 @@ def test_l2_never_takes_a_step_that_raises_the_objective(monkeypatch):
 
 def test_l1_warns_when_it_stops_at_max_iter():
     X, y = problem(seed=1)
-    with pytest.warns(UserWarning, match="max_iter=20 before converging"):
-        transfer.fit_l1(X, y, 1.0, tol=1e-9, max_iter=20)
+    with pytest.warns(UserWarning, match="max_iter=2 before converging"):  # two Newton steps from zero: too few
+        transfer.fit_l1(X, y, 1.0, tol=1e-9, max_iter=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a converged fit stays silent
         transfer.fit_l1(X, y, 1.0, tol=1e-9)
@@ -109,7 +109,10 @@ def test_padding_and_chunking_do_not_change_features(feature):
     for b, got in zip(bs, batched):
         x = torch.tensor(list(b))[None]
         hs, cs, _ = model.rnn(x, return_cells=True)
-        want = {"cell": cs[0, -1], "hidden": hs[0, -1], "mean": cs[0].mean(0)}[feature].detach().numpy()
+        pools = {"cell": cs[0, -1], "hidden": hs[0, -1], "mean": cs[0].mean(0), "max": cs[0].amax(0)}
+        pools["concat"] = torch.cat([pools["cell"], pools["mean"], pools["max"]])
+        pools["hidden-concat"] = torch.cat([hs[0, -1], hs[0].mean(0), hs[0].amax(0)])
+        want = pools[feature].detach().numpy()
         assert np.abs(got - want).max() < 1e-5, np.abs(got - want).max()
 
 
@@ -267,7 +270,8 @@ def run_on_features(tmp_path, monkeypatch, feats, labels):
     def fake_features(model, checkpoint, name, byte_strings, cache_dir, feature="cell", dtype="fp32", **kw):
         words = [b.split() for b in byte_strings]  # b"\n train text 17 ": the row of the features it gets
         assert all(w[0].decode() == name for w in words), (name, byte_strings[:3])
-        return feats[name][[int(w[-1]) for w in words]], False
+        X = feats[name][[int(w[-1]) for w in words]]
+        return (X if isinstance(feature, str) else {f: X for f in feature}), False
 
     monkeypatch.setattr(transfer, "cached_features", fake_features)
     argv = ["--checkpoint", tiny_checkpoint(tmp_path, feats["train"].shape[1]), "--train", files["train"], "--val",
@@ -393,12 +397,12 @@ def test_outputs_are_written_whole_and_results_last(tmp_path, monkeypatch):
     shown = [re.sub("<[^>]*>", "", t) for t in shown]  # the text, without its one span per character
     want = ["\u21b5 wonderful ", "\u21b5 wonderful ", "\u21b5 awful bad "]  # 2 positive, 1 negative; 12 bytes each
     assert shown == want, f"--heatmap 3 --heatmap-bytes 12 showed {shown}"
-    assert sorted(f.name for f in out.iterdir()) == ["heatmap.html", "histogram.txt", "results.json"]
+    assert sorted(f.name for f in out.iterdir()) == ["classifier.pt", "heatmap.html", "histogram.txt", "results.json"]
     (out / "results.json").write_text("earlier run")
 
     def fail(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(transfer, "histogram_text", fail)
+    monkeypatch.setattr(reports, "histogram_text", fail)
     with pytest.raises(OSError, match="disk full"):
         transfer.run(transfer.parse_args(argv), log=lambda *a: None)
     assert (out / "results.json").read_text() == "earlier run", "results.json written before the other outputs"
