@@ -47,18 +47,23 @@ def check_output_file(p, flag, path):
         p.error(f"{flag} {path}: not a file name in an existing, writable folder")
 
 
-def progress(label, total, every=2.0):
-    """A progress line on stderr, at most every `every` seconds (and at the end): update(texts_done, bytes_done)."""
-    start, last = time.time(), [0.0]
+def progress(label, total=None, every=2.0):
+    """A progress line on stderr, at most every `every` seconds (and at the end): update(texts_done, bytes_done).
+    total=None: a stream of unknown length (no eta)."""
+    start = time.time()
+    last = [start, None]  # when the last line was printed, and at which count
 
     def update(n, nbytes, final=False):
         now = time.time()
-        if final or now - last[0] > every:
-            last[0], el = now, max(now - start, 1e-9)
-            eta = el * (total - n) / max(n, 1)
+        if final and n == last[1]:  # said already: end its line
+            print(file=sys.stderr, end="\n" if sys.stderr.isatty() else "", flush=True)
+        elif final or now - last[0] > every:
+            last[0], last[1], el = now, n, max(now - start, 1e-9)
+            of = f"/{total}" if total is not None else ""
+            eta = f", eta {el * (total - n) / max(n, 1):.0f}s" if total is not None else ""
             end = "\n" if final or not sys.stderr.isatty() else "\r"
-            print(f"{label}: {n}/{total} texts, {n / el:.1f} texts/s, {nbytes / el / 1e3:.1f} kB/s, "
-                  f"{el:.0f}s elapsed, eta {eta:.0f}s", end=end, file=sys.stderr, flush=True)
+            print(f"{label}: {n}{of} texts, {n / el:.1f} texts/s, {nbytes / el / 1e3:.1f} kB/s, {el:.0f}s elapsed"
+                  f"{eta}", end=end, file=sys.stderr, flush=True)
     return update
 
 

@@ -37,42 +37,53 @@ def _json_row(path, n, line):
     return row
 
 
-def read_labeled(path, text_column="text", label_column="label"):
-    """(texts, labels int64 array) from a .csv / .tsv / .json(l) file (optionally .gz/.bz2/.xz) with named columns."""
+def rows(path, text_column="text", label_column="label"):
+    """(line, text, label) for each row of a .csv / .tsv / .json(l) file (optionally .gz/.bz2/.xz) with named
+    columns, streamed; line is the row's last line in the file. label_column=None reads texts only (label None),
+    and then also plain text: one text per line of any other file (empty lines skipped)."""
     ext = os.path.splitext(inner_name(path))[1]
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    if ext not in (".csv", ".tsv", ".jsonl", ".json"):
+    plain = ext not in (".csv", ".tsv", ".jsonl", ".json")
+    if plain and label_column is not None:
         raise DataError(f"{path}: unknown format {ext!r} (expected .csv, .tsv, .jsonl or .json, optionally "
                         ".gz/.bz2/.xz)")
-    texts, labels, n = [], [], 1  # n: the line of the last row read
+    n = 1  # the line of the last row read
+    columns = [c for c in (text_column, label_column) if c is not None]
     try:
         with open_text(path) as f:  # decompressed as named; without Excel's byte-order mark
-            if ext in (".csv", ".tsv"):
+            def too_long(n, why):
+                raise DataError(f"{path}:{n}: {why}")
+            if plain:
+                found = ((n, {text_column: line.rstrip("\r\n")}) for n, line in read_lines(f, too_long) if line.strip())
+            elif ext in (".csv", ".tsv"):
                 csv.field_size_limit(sources.MAX_LINE)  # the default 131,072 characters is shorter than some reviews
                 # strict: a stray quote is an error, not a quoted field that swallows the rest of the file
                 reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",", strict=True)
-                rows = ((reader.line_num, r) for r in reader)  # the row's last line: quoted fields may span several
-                for col in (text_column, label_column):
+                found = ((reader.line_num, r) for r in reader)  # the row's last line: quoted fields may span several
+                for col in columns:
                     if col not in (reader.fieldnames or []):
                         raise DataError(f"{path}: no column {col!r} (columns: {reader.fieldnames})")
             else:
-                def too_long(n, why):
-                    raise DataError(f"{path}:{n}: {why}")
-                rows = ((n, _json_row(path, n, line)) for n, line in read_lines(f, too_long) if line.strip())
-            for n, row in rows:
+                found = ((n, _json_row(path, n, line)) for n, line in read_lines(f, too_long) if line.strip())
+            for n, row in found:
                 if not isinstance(row, dict) or not isinstance(row.get(text_column), str) \
-                        or row.get(label_column) in (None, ""):
-                    raise DataError(f"{path}:{n}: no {text_column!r} text or no {label_column!r} label")
-                texts.append(row[text_column])
-                labels.append(_label(row[label_column], f"{path}:{n}"))
+                        or (label_column is not None and row.get(label_column) in (None, "")):
+                    raise DataError(f"{path}:{n}: no {text_column!r} text" +
+                                    (f" or no {label_column!r} label" if label_column is not None else ""))
+                yield n, row[text_column], None if label_column is None else _label(row[label_column], f"{path}:{n}")
     except csv.Error as e:
         raise DataError(f"{path}:{n + 1}: malformed row ({e}); a stray quote?") from None
     except (ValueError, RecursionError, *BAD_FILE) as e:  # a bad archive, a JSON nested too deep
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})")
-    if not texts:
+
+
+def read_labeled(path, text_column="text", label_column="label"):
+    """(texts, labels int64 array) from a .csv / .tsv / .json(l) file (optionally .gz/.bz2/.xz) with named columns."""
+    got = [(text, label) for _, text, label in rows(path, text_column, label_column)]
+    if not got:
         raise DataError(f"{path}: no labelled rows (empty split)")
-    return texts, np.array(labels, dtype=np.int64)
+    return [t for t, _ in got], np.array([k for _, k in got], dtype=np.int64)
 
 
 def carve(texts, labels, frac, seed=0):
