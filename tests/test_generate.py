@@ -185,6 +185,8 @@ def test_bytes_prime_from_the_command_line(tmp_path):
                                                                 "in an existing, writable folder"),
     (["--device", "bogus"], "--device bogus: expected cpu, cuda or cuda:N"),
     (["--neuron", "1", "--text", "hi"], "--text goes with --heatmap"),
+    (["--neuron", "1", "--value", "2"], "give the unit's sign with --sign 1|-1"),
+    (["--sign", "-1"], "--sign goes with --neuron"),
 ])
 def test_bad_inputs_are_clear_errors(tmp_path, capsys, flags, message):
     fails(["--checkpoint", tiny(tmp_path)[0], *flags], message, capsys)
@@ -253,3 +255,20 @@ def test_the_released_model_is_the_default_and_knows_english(tmp_path):
 
     r, s = bpc(review), bpc(shuffled)
     assert r < 3.0 and s > r + 2.0, f"review {r:.2f} bits/byte, the same bytes shuffled {s:.2f}"
+
+
+def test_one_sign_convention_positive_value_is_positive_sentiment(tmp_path, capsys):
+    """--neuron N --sign S --value V and --results (neuron_unit N, neuron_sign S) --value V hold the same cell value
+    S * V, and say so; --results alone (nothing to hold, nothing to show) is an error."""
+    path, model = tiny(tmp_path)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"neuron": 19, "neuron_unit": 3, "neuron_sign": -1, "neuron_state": "c"}))
+    want = generate.sample(model, b"\n ", 12, 0, neuron=3, value=-2.5)[0].decode("utf-8", "replace") + "\n"
+    for flags in (["--neuron", "3", "--sign", "-1"], ["--results", str(results)]):
+        got = run(["--checkpoint", path, *flags, "--value", "2.5", "--temperature", "0", "--length", "12"], capsys)
+        assert got.out == want, (flags, got.out, want)
+        assert "holding cell unit 3 at -2.5 at every step (--value 2.5: positive sentiment; the unit's sign is -1)" \
+            in got.err, got.err
+    fails(["--checkpoint", path, "--results", str(results)], "--results only chooses the neuron", capsys)
+    results.write_text(json.dumps({"neuron": 3, "neuron_unit": 3, "neuron_sign": 1, "neuron_state": "h"}))
+    fails(["--checkpoint", path, "--results", str(results), "--value", "1"], "a unit of the hidden state", capsys)

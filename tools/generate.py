@@ -2,16 +2,17 @@
 
 Radford et al. 2017 (arXiv 1704.01444) sections 4-5, "generating with the sentiment neuron": the model
 writes a review byte by byte; holding the sentiment unit of the cell state at a fixed value at every step
-makes the review positive or negative on demand. The neuron's index and sign are the ones transfer.py
-finds (its results.json: keys `neuron`, `neuron_sign`); --value is then in the positive direction.
+makes the review positive or negative on demand. One sign convention, whatever the unit's own: a positive
+--value means positive sentiment. The unit and its sign come from transfer.py's results.json (--results:
+`neuron_unit`, `neuron_sign`), or are given (--neuron N --sign 1|-1); the cell state is held at sign x value.
 
     python tools/generate.py --prime "This movie"          # the released model, models/mlstm1024-imdb.pt (the default)
     python tools/generate.py --checkpoint out/demo/ckpt.pt --prime "This movie" --length 300 --temperature 0.8
     python tools/generate.py --checkpoint CKPT --num-samples 4 --top-k 40 --seed 3
     python tools/generate.py --checkpoint CKPT --results out/demo/transfer-imdb/results.json --value 2    # positive
     python tools/generate.py --checkpoint CKPT --results out/demo/transfer-imdb/results.json --value -2   # negative
-    python tools/generate.py --neuron 1016 --value -3 --prime "This movie"   # the released model's best IMDB unit
-                                                   # (sign -): -3 leans positive, +3 negative (README)
+    python tools/generate.py --neuron 1016 --sign -1 --value 3 --prime "This movie"   # the released model's best
+                                                   # IMDB unit (sign -): held at -3, leaning positive (docs/RESULTS.md)
     python tools/generate.py --checkpoint CKPT --neuron 2388 --text "Great film, awful ending." --heatmap fire.html
 
 The prime is framed like a corpus document (data.normalize without the closing space, so the model
@@ -104,9 +105,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--num-samples", type=int, default=1, help="samples generated together as a batch")
     p.add_argument("--neuron", type=int, help="unit of the cell state to hold (--value) or show (--heatmap)")
+    p.add_argument("--sign", type=int, choices=(1, -1), help="with --neuron: the unit's sign (transfer.py's "
+                   "neuron_sign: +1 if it rises with positive sentiment, -1 if it falls); needed with --value")
     p.add_argument("--results", help="transfer.py results.json: take the neuron and its sign from it")
-    p.add_argument("--value", type=float, help="hold the neuron at this value (times --results' sign) at every step; "
-                                               "|value| <= 1e4")
+    p.add_argument("--value", type=float, help="hold the neuron at sign x value at every step: positive = positive "
+                                               "sentiment, whatever the unit's sign; |value| <= 1e4")
     p.add_argument("--heatmap", help="write the neuron per byte, read freely (not held), to this HTML file")
     p.add_argument("--text", help="with --heatmap: show the neuron over this text (framed by data.normalize) "
                                   "instead of sampling")
@@ -132,25 +135,35 @@ def parse_args(argv=None):
         p.error("--prime is empty: the model needs at least one byte to start from (drop --raw)")
     if a.neuron is not None and a.results:
         p.error("give --neuron or --results, not both")
-    a.sign, a.results_model = 1, {}
+    if a.sign is not None and a.neuron is None:
+        p.error("--sign goes with --neuron (--results brings its own)")
+    a.results_model = {}
     if a.results:
         try:
             with open(a.results) as f:
                 r = json.load(f)
-            a.neuron, a.sign = int(r["neuron"]), int(r["neuron_sign"])
+            a.neuron, a.sign = int(r.get("neuron_unit", r["neuron"])), int(r["neuron_sign"])
             a.results_model = {k: r[k] for k in ("checkpoint", "hidden") if k in r}  # older files lack them
             if a.sign not in (1, -1):
                 raise ValueError(f"neuron_sign is {a.sign}, not +1 or -1")
-            if r.get("feature", "cell") == "hidden":  # older files lack it: they are of the cell state
+            # older files have no neuron_state: theirs is of the cell state unless the feature was the hidden state
+            if r.get("neuron_state", "h" if r.get("feature") == "hidden" else "c") == "h":
                 p.error(f"--results {a.results}: its neuron is a unit of the hidden state (transfer.py --feature "
-                        "hidden); generate.py holds a unit of the cell state: use results of --feature cell or mean")
+                        "hidden); generate.py holds a unit of the cell state: use results of a cell-state feature")
         except (OSError, ValueError, KeyError, TypeError) as e:
             p.error(f"--results {a.results}: not a transfer.py results file ({type(e).__name__}: {e})")
+        if a.value is None and not a.heatmap:
+            p.error("--results only chooses the neuron: give --value V to hold it (positive V: positive sentiment) "
+                    "or --heatmap FILE to show it")
     # A cell state stays within a few units; 1e4 also stays finite in fp16 (its largest value is 65504).
     if a.value is not None and not abs(a.value) <= 1e4:
         p.error(f"--value must be a finite number with |value| <= 1e4, not {a.value}")
     if (a.value is not None or a.heatmap) and a.neuron is None:
         p.error("--value and --heatmap need a neuron: --neuron INDEX or --results results.json")
+    if a.value is not None and a.sign is None:
+        p.error("--value is in the direction of positive sentiment: give the unit's sign with --sign 1|-1 "
+                "(transfer.py's neuron_sign), or take both from --results results.json")
+    a.sign = a.sign or 1  # a heatmap without a sign shows the unit as it is
     if a.text is not None and (not a.heatmap or a.value is not None):
         p.error("--text goes with --heatmap only: it shows the neuron over the text and samples nothing")
     cli.check_output_file(p, "--heatmap", a.heatmap)
@@ -171,6 +184,10 @@ def main(argv=None):
     dtype = a.dtype or (config.get("dtype", "fp32") if a.device.startswith("cuda") else "fp32")
     model = model.to(dtype=DTYPES[dtype]).eval()  # train.py's dtypes are transfer.py's
     value = None if a.value is None else a.sign * a.value  # --value is in the neuron's positive direction
+    if value is not None:
+        print(f"holding cell unit {a.neuron} at {value:g} at every step (--value {a.value:g}: "
+              f"{'positive' if a.value > 0 else 'negative' if a.value < 0 else 'neutral'} sentiment; the unit's sign "
+              f"is {a.sign:+d})", file=sys.stderr, flush=True)
     if a.text is not None:
         texts = [a.text]
     else:
