@@ -30,6 +30,17 @@ from plumbing import cli, labeled, output_model
 from transfer import DEVICES, DTYPES, featurize
 
 
+def predict(clf, model, texts, batch_size=64, chunk=256):
+    """Output model `clf` on `texts` (str), read by its language model `model`: (logits [N], positive iff > 0;
+    the neuron's value times its sign [N] or None; the bytes read). Texts are framed as the corpus was (data.normalize) and, for
+    a model fine-tuned on texts cut to their last max_bytes bytes, cut the same way."""
+    byte_strings = [data.normalize(t) for t in texts]
+    if clf.get("max_bytes"):
+        byte_strings = [b[-clf["max_bytes"]:] for b in byte_strings]
+    X = featurize(model, byte_strings, clf["feature"], batch_size, chunk)
+    return (*output_model.decide(clf, X), sum(map(len, byte_strings)))
+
+
 def blocks(a):
     """Lists of at most a.block (row, text, label) from the command line's texts or a.input."""
     source = ((k, t, None) for k, t in enumerate(a.texts, 1)) if a.texts else \
@@ -81,16 +92,14 @@ def main(a):
     ok = False
     try:
         for block in blocks(a):
-            byte_strings = [data.normalize(t) for _, t, _ in block]
-            X = featurize(model, byte_strings, clf["feature"], a.batch_size, a.chunk)
-            logits, neuron = output_model.decide(clf, X)
+            logits, neuron, size = predict(clf, model, [t for _, t, _ in block], a.batch_size, a.chunk)
             for k, (row, text, label) in enumerate(block):
                 predicted = int(logits[k] > 0)
                 write(dict(row=row, label=predicted, probability=round(float(1 / (1 + np.exp(-logits[k]))), 6),
                            neuron=None if neuron is None else round(float(neuron[k]), 6), text=text))
                 if label is not None:
                     labelled, right = labelled + 1, right + (predicted == label)
-            n, nbytes = n + len(block), nbytes + sum(map(len, byte_strings))
+            n, nbytes = n + len(block), nbytes + size
             progress(n, nbytes)
         progress(n, nbytes, final=True)
         ok = True
