@@ -241,21 +241,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Fine-tune the pretrained mLSTM for sentiment (see the docstring).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=os.path.relpath(RELEASED), help="train.py checkpoint or released model")
-    p.add_argument("--task", choices=("sst2", "imdb"), help="a known dataset under --data-dir")
-    p.add_argument("--data-dir", help="sst2: folder of train/dev/test.csv; imdb: aclImdb folder or tarball")
-    p.add_argument("--train", help="labelled .csv/.tsv/.jsonl/.json file (instead of --task)")
-    p.add_argument("--val", help="validation file (default: --val-frac of --train)")
-    p.add_argument("--test", help="test file")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--val-frac", type=float, default=0.2, help="share of train carved as validation (imdb; --train "
-                   "without --val)")
-    p.add_argument("--limit", type=int, help="use at most N texts per split (a seeded subset)")
+    labeled.add_task_arguments(p)
     p.add_argument("--max-bytes", type=int, help="cut every text to its last N bytes (long reviews; default: whole)")
     p.add_argument("--epochs", type=float, default=2.0, help="passes over the training texts, at most")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (texts), over all processes")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of Adam")
-    p.add_argument("--head-lr-mult", type=float, default=10.0, help="the head's learning rate over --lr")
+    p.add_argument("--head-lr-mult", type=float, default=1.0, help="the head's learning rate over --lr")
     p.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
     p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
     p.add_argument("--lm-weight", type=float, default=0.0, help="weight of the auxiliary next-byte loss (0: none)")
@@ -272,18 +263,12 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=600, help="seconds a process waits for the others")
     p.add_argument("--out", help="output folder (default: CHECKPOINT_DIR/finetune-TASK)")
     a = p.parse_args(argv)
-    if a.task and (a.train or a.test or a.val):
-        p.error("give either --task with --data-dir, or --train/--test files, not both")
-    if a.task and not a.data_dir:
-        p.error(f"--task {a.task} needs --data-dir")
-    if not a.task and not (a.train and a.test):
-        p.error("give --task sst2|imdb --data-dir DIR, or --train FILE --test FILE [--val FILE]")
-    cli.require(p, a, ("limit", "max_bytes", "batch_size", "eval_every", "patience", "eval_batch_size", "chunk",
+    labeled.check_task_arguments(p, a)
+    cli.require(p, a, ("max_bytes", "batch_size", "eval_every", "patience", "eval_batch_size", "chunk",
                        "log_every"), lambda v: 1 <= v < 2**62, ">= 1")
     cli.require(p, a, ("warmup", "seed"), lambda v: 0 <= v < 2**62, ">= 0")
     cli.require(p, a, ("epochs", "lr", "head_lr_mult"), lambda v: 0 < v < math.inf, "> 0 and finite")
     cli.require(p, a, ("clip", "lm_weight"), lambda v: 0 <= v < math.inf, ">= 0 and finite")
-    cli.require(p, a, ("val_frac",), lambda v: 0 < v < 1, "in (0, 1)")
     cli.require(p, a, ("timeout",), lambda v: 0 < v < 1e9, "> 0 and below 1e9 seconds")
     if a.device != "auto" and (why := cli.device_problem(a.device, DEVICES)):
         p.error(why)

@@ -292,17 +292,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sentiment transfer from a pretrained byte mLSTM (see the docstring).")
     p.add_argument("--checkpoint", default=os.path.relpath(RELEASED),
                    help="train.py checkpoint or released model (.pt); default: the released model, %(default)s")
-    p.add_argument("--task", choices=("sst2", "imdb"), help="a known dataset under --data-dir")
-    p.add_argument("--data-dir", help="sst2: folder of train/dev/test.csv; imdb: aclImdb folder or tarball")
-    p.add_argument("--train", help="labelled .csv/.tsv/.jsonl/.json file, optionally .gz/.bz2/.xz (instead of --task)")
-    p.add_argument("--val", help="validation file (default: --val-frac of --train)")
-    p.add_argument("--test", help="test file")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--val-frac", type=float, default=0.2, help="share of train carved as validation where there is "
-                   "no validation file (imdb; --train without --val); sst2 uses its dev.csv")
+    labeled.add_task_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the carved validation and of --limit")
-    p.add_argument("--limit", type=int, help="use at most N texts per split (a seeded subset)")
     p.add_argument("--feature", type=feature_list, default=["cell"], help="features, comma-separated, or all: "
                    f"{', '.join(FEATURES)} (default: cell, the state after the last byte: the paper's)")
     p.add_argument("--penalty", choices=("l1", "l2"), default="l1", help="the reported classifier (both are fitted)")
@@ -319,17 +310,11 @@ def parse_args(argv=None):
                    "N: one more positive; fewer where a class has fewer texts); 0: none")
     p.add_argument("--heatmap-bytes", type=int, default=1500, help="the first bytes shown of each heatmap text")
     a = p.parse_args(argv)
-    if a.task and (a.train or a.test or a.val):
-        p.error("give either --task with --data-dir, or --train/--test files, not both")
-    if a.task and not a.data_dir:
-        p.error(f"--task {a.task} needs --data-dir")
-    if not a.task and not (a.train and a.test):
-        p.error("give --task sst2|imdb --data-dir DIR, or --train FILE --test FILE [--val FILE]")
-    cli.require(p, a, ("limit", "batch_size", "chunk", "heatmap_bytes"), lambda v: v >= 1, ">= 1")
+    labeled.check_task_arguments(p, a)
+    cli.require(p, a, ("batch_size", "chunk", "heatmap_bytes"), lambda v: v >= 1, ">= 1")
     cli.require(p, a, ("seed",), lambda v: 0 <= v < 2**63, "in [0, 2^63)")
     cli.require(p, a, ("bow_vocab",), lambda v: v >= 0, ">= 0 (0: no baseline)")
     cli.require(p, a, ("heatmap",), lambda v: v >= 0, ">= 0 (0: no texts in heatmap.html)")
-    cli.require(p, a, ("val_frac",), lambda v: 0 < v < 1, "in (0, 1)")
     if why := cli.device_problem(a.device, DEVICES):
         p.error(why)
     if not os.path.isfile(a.checkpoint):

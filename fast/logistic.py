@@ -76,11 +76,13 @@ def _coordinate_descent(H, g, th, lam, sweeps):
     return torch.as_tensor(w, device=th.device)
 
 
-def _l1_newton_step(H, g, th, lam, tol, rounds=200, sweeps=15):
+def _l1_newton_step(H, g, th, lam, tol, rounds=10, sweeps=15):
     """argmin_w  g.(w - th) + (w - th).H.(w - th) / 2 + lam.|w|  (the objective's quadratic model): a few
     coordinate-descent sweeps, then feature-sign search (Lee et al. 2007): fix the signs of the weights that are
     or would become nonzero, jump to the quadratic's minimum with those signs, and stop on the way at the best
-    point before a sign flips; until no coordinate's violation reaches `tol`. Returns w - th."""
+    point before a sign flips; until no coordinate's violation reaches `tol`, or for at most `rounds` rounds: each
+    costs a Cholesky of the working set, and on 3072 features an outer Newton step with its line search is cheaper
+    than polishing the model (SST-2 concat path: 874 s with 200 rounds, 235 s with 10). Returns w - th."""
     w = _coordinate_descent(H, g, th, lam, sweeps)
     for _ in range(rounds):
         r = g + H @ (w - th)  # the quadratic's gradient at w

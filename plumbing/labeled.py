@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from plumbing import sources
+from plumbing import cli, sources
 from plumbing.sources import BAD_FILE, DataError, imdb_documents, inner_name, open_text, read_lines
 
 LABELS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "neg": 0, "pos": 1, "negative": 0, "positive": 1,
@@ -149,3 +149,29 @@ def load_task(a):
         if len(set(splits[name][1].tolist())) < 2:
             raise DataError(f"{name} split: only one class present ({len(splits[name][1])} rows)")
     return splits
+
+
+def add_task_arguments(p):
+    """The flags that choose the labelled splits, for transfer.py and finetune.py (see load_task)."""
+    p.add_argument("--task", choices=("sst2", "imdb"), help="a known dataset under --data-dir")
+    p.add_argument("--data-dir", help="sst2: folder of train/dev/test.csv; imdb: aclImdb folder or tarball")
+    p.add_argument("--train", help="labelled .csv/.tsv/.jsonl/.json file, optionally .gz/.bz2/.xz (instead of --task)")
+    p.add_argument("--val", help="validation file (default: --val-frac of --train)")
+    p.add_argument("--test", help="test file")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--val-frac", type=float, default=0.2, help="share of train carved as validation where there is "
+                   "no validation file (imdb; --train without --val); sst2 uses its dev.csv")
+    p.add_argument("--limit", type=int, help="use at most N texts per split (a seeded subset)")
+
+
+def check_task_arguments(p, a):
+    """p.error unless the flags of add_task_arguments name one task or a set of files."""
+    if a.task and (a.train or a.test or a.val):
+        p.error("give either --task with --data-dir, or --train/--test files, not both")
+    if a.task and not a.data_dir:
+        p.error(f"--task {a.task} needs --data-dir")
+    if not a.task and not (a.train and a.test):
+        p.error("give --task sst2|imdb --data-dir DIR, or --train FILE --test FILE [--val FILE]")
+    cli.require(p, a, ("val_frac",), lambda v: 0 < v < 1, "in (0, 1)")
+    cli.require(p, a, ("limit",), lambda v: 1 <= v < 2**62, ">= 1")
