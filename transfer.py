@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from fast.logistic import fit_l1, fit_l2
 from plumbing import cli, feature_cache, labeled, output_model
 from plumbing.baseline import bag_of_words
 from plumbing.checkpoints import RELEASED, load_pretrained
-from plumbing.reports import neuron_pictures, table, write_results
+from plumbing.reports import write_all
 
 # A feature pools the cell state c (or the hidden state h) of every byte of a text; several pools side by side.
 FEATURES = {
@@ -257,26 +258,8 @@ def run(a, log=print):
                featurize=stats, solver_seconds=round(time.time() - t0, 2), classifier=os.path.abspath(a.classifier))
     clf = output_model.probe(best, a.dtype, r["moments"], r["wb"][a.penalty], main["C"], a.penalty, r["neuron"],
                              a.checkpoint, model.hidden, {k: res[k] for k in ("task", "train_acc", "val_acc", "test_acc")})
-    report(a, res, per, clf, model, B["test"], X["test"][best], y["test"], log)
+    write_all(a, res, per, clf, B["test"], X["test"][best], y["test"], partial(unit_trace, model), log)
     return res
-
-
-def report(a, res, per, clf, model, texts, X, y, log):
-    """The results table on the log, the output model, and the pictures of the neuron: its value per byte on a
-    few test texts (half of each class, an odd one positive) with each text's true label and the output model's
-    prediction, and its value per class (plumbing/reports.py writes them, results.json last)."""
-    log(table(per, res["baseline"], a.bow_vocab, a.penalty) + f"\noutput model: mLSTM {res['feature']} + "
-        f"{a.penalty.upper()} (the best on validation) -> {a.classifier}")
-    os.makedirs(a.out, exist_ok=True)
-    output_model.save(a.classifier, clf)
-    unit, state, sign = res["neuron_unit"], res["neuron_state"], res["neuron_sign"]
-    pick = [i for k, m in ((1, (a.heatmap + 1) // 2), (0, a.heatmap // 2)) for i in np.flatnonzero(y == k)[:m]]
-    logits, value = output_model.decide(clf, X)
-    shown = [texts[i][: a.heatmap_bytes] for i in pick]
-    neuron_pictures(a.out, shown, [sign * unit_trace(model, b, unit, state) for b in shown], y[pick], logits[pick],
-                    value, y, f"neuron {unit} (sign {sign:+d}) of the {res['neuron_pool']} "
-                    f"{'cell' if state == 'c' else 'hidden'} state", log)
-    write_results(a.out, a.json, res, log)
 
 
 def feature_list(s):
@@ -323,11 +306,7 @@ def parse_args(argv=None):
     a.cache_dir = a.cache_dir or os.path.join(ckpt_dir, "features")
     a.out = a.out or os.path.join(ckpt_dir, f"transfer-{a.task or 'files'}")
     a.classifier = a.classifier or os.path.join(a.out, "classifier.pt")
-    existing = os.path.abspath(a.out)  # checked now, not after the featurising and fitting; created by run()
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not cli.writable(existing):
-        p.error(f"--out {a.out}: {existing} is not a writable folder")
+    cli.check_output_dir(p, "--out", a.out)  # now, not after the featurising and fitting; run() creates it
     cli.check_output_file(p, "--json", a.json)
     if os.path.dirname(os.path.abspath(a.classifier)) != os.path.abspath(a.out):
         cli.check_output_file(p, "--classifier", a.classifier)

@@ -41,6 +41,15 @@ def writable(folder):
     return os.path.isdir(folder) and os.access(folder, os.W_OK)
 
 
+def check_output_dir(p, flag, path):
+    """p.error unless folder `path` exists writable or can be created: its nearest existing parent is writable."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not writable(existing):
+        p.error(f"{flag} {path}: {existing} is not a writable folder")
+
+
 def check_output_file(p, flag, path):
     """p.error unless `path` can be written as a file: a name in an existing, writable folder."""
     if path and (os.path.isdir(path) or not writable(os.path.dirname(os.path.abspath(path)))):

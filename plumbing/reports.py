@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from plumbing import output_model
+
 
 def write_file(path, text):
     """Write `text` to `path` whole or not at all: a temporary file, then an atomic rename."""
@@ -109,6 +111,25 @@ def neuron_pictures(out, shown, traces, labels, logits, value, y, what, log):
     write_file(os.path.join(out, "histogram.txt"), f"{what}, times its sign, on test, by class\n{hist}\n")
     log(f"\n{what}, times its sign, on test:\n{hist}")
     histogram_png(value, y, what, os.path.join(out, "histogram.png"))
+
+
+def write_all(a, res, per, clf, texts, X, y, trace, log):
+    """Everything transfer.run writes: the results table on the log, the output model `clf`, the pictures of
+    the neuron (its value per byte, trace(bytes, unit, state), on a few test texts: half of each class, an odd
+    one positive, with each text's true label and the output model's prediction; its value per class), and
+    results.json last."""
+    log(table(per, res["baseline"], a.bow_vocab, a.penalty) + f"\noutput model: mLSTM {res['feature']} + "
+        f"{a.penalty.upper()} (the best on validation) -> {a.classifier}")
+    os.makedirs(a.out, exist_ok=True)
+    output_model.save(a.classifier, clf)
+    unit, state, sign = res["neuron_unit"], res["neuron_state"], res["neuron_sign"]
+    pick = [i for k, m in ((1, (a.heatmap + 1) // 2), (0, a.heatmap // 2)) for i in np.flatnonzero(y == k)[:m]]
+    logits, value = output_model.decide(clf, X)
+    shown = [texts[i][: a.heatmap_bytes] for i in pick]
+    neuron_pictures(a.out, shown, [sign * trace(b, unit, state) for b in shown], y[pick], logits[pick], value, y,
+                    f"neuron {unit} (sign {sign:+d}) of the {res['neuron_pool']} "
+                    f"{'cell' if state == 'c' else 'hidden'} state", log)
+    write_results(a.out, a.json, res, log)
 
 
 def write_results(out, extra, res, log):
