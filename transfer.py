@@ -41,6 +41,7 @@ from plumbing import cli, feature_cache, labeled, output_model
 from plumbing.baseline import bag_of_words
 from plumbing.checkpoints import RELEASED, load_pretrained
 from plumbing.reports import write_all
+from plumbing.sources import DataError
 
 # A feature pools the cell state c (or the hidden state h) of every byte of a text; several pools side by side.
 FEATURES = {
@@ -141,19 +142,26 @@ def accuracy(X, y, w, b):
 
 def fit_select(Xtr, ytr, Xva, yva, penalty="l1", Cs=GRID, device="cpu", progress=None):
     """Fit along the C grid (ascending, warm-started); keep the best validation accuracy (ties: smaller C).
-    progress(line), when given, hears of each fit."""
+    progress(line), when given, hears of each fit. A fit that fails numerically is that line and is skipped;
+    None if every one failed."""
     fit = fit_l1 if penalty == "l1" else fit_l2
     best, path, init = None, [], None
     for k, C in enumerate(sorted(Cs), 1):
         t0 = time.time()
-        w, b = init = fit(Xtr, ytr, C, init=init, device=device)
+        try:
+            w, b = init = fit(Xtr, ytr, C, init=init, device=device)
+        except (RuntimeError, ValueError, ArithmeticError) as e:  # linear algebra, non-finite values
+            if progress:
+                why = f"{type(e).__name__.lstrip('_')}: {(str(e).splitlines() or [''])[0][:200]}"
+                progress(f"C {C:g} ({k}/{len(Cs)}): failed, skipped ({why})")
+            continue
         r = dict(C=C, w=w, b=b, val_acc=accuracy(Xva, yva, w, b), nonzero=int((w != 0).sum()))
         path.append({k: r[k] for k in ("C", "val_acc", "nonzero")})
         if progress:
             progress(f"C {C:g} ({k}/{len(Cs)}): val {r['val_acc']:.4f}, {r['nonzero']} nonzero, {time.time() - t0:.1f}s")
         if best is None or r["val_acc"] > best["val_acc"]:
             best = r
-    return dict(best, path=path)
+    return dict(best, path=path) if best else None
 
 
 def threshold_fit(x, y, sign=1.0):
@@ -175,9 +183,10 @@ def sentiment_neuron(ws, Z, y, feature, hidden, log):
     """The unit of the largest L1 weight, its sign and the threshold that makes it a classifier alone (fitted on
     train), with its accuracy on each split. An L1 fit that kept no unit (features no better than the majority
     class at the chosen C) leaves the choice to the L2 fit, rather than to unit 0 of an all-zero w."""
-    fit = "l1" if np.any(ws["l1"]) else "l2"
+    fit = "l1" if "l1" in ws and (np.any(ws["l1"]) or "l2" not in ws) else "l2"
     if fit == "l2":
-        log("note: the L1 fit kept no unit at the chosen C; the neuron is the L2 fit's largest weight")
+        log(f"note: the L1 fit {'kept no unit at the chosen C' if 'l1' in ws else 'failed'}; the neuron is the L2 "
+            f"fit's largest weight")
     index = int(np.argmax(np.abs(ws[fit])))
     sign = 1.0 if ws[fit][index] >= 0 else -1.0
     thr, train_acc = threshold_fit(Z["train"][:, index], y["train"], sign)
@@ -198,10 +207,13 @@ def unit_trace(model, byte_string, unit, feature="cell"):
 
 def fit_scored(Z, y, penalty, device, label):
     """fit_select on standardised train/val, scored on train, val and test, its progress on stderr;
-    -> (the scores, (w, b))."""
+    -> (the scores, (w, b)), or (None, None) if every C failed."""
     t0 = time.time()
-    r = fit_select(Z["train"], y["train"], Z["val"], y["val"], penalty, device=device,
-                   progress=lambda line: print(f"fit {label} {penalty}: {line}", file=sys.stderr, flush=True))
+    say = lambda line: print(f"fit {label} {penalty}: {line}", file=sys.stderr, flush=True)  # noqa: E731
+    r = fit_select(Z["train"], y["train"], Z["val"], y["val"], penalty, device=device, progress=say)
+    if r is None:
+        say("every C failed: no classifier")
+        return None, None
     return dict(C=r["C"], nonzero=r["nonzero"], train_acc=accuracy(Z["train"], y["train"], r["w"], r["b"]),
                 val_acc=r["val_acc"], test_acc=accuracy(Z["test"], y["test"], r["w"], r["b"]),
                 seconds=round(time.time() - t0, 2), path=r["path"]), (r["w"], r["b"])
@@ -214,13 +226,14 @@ def fit_feature(feature, X, y, hidden, device, log):
     fits, wb = {}, {}
     for pen in ("l1", "l2"):
         fits[pen], wb[pen] = fit_scored(Z, y, pen, device, feature)
+    ws = {p: r[0] for p, r in wb.items() if r is not None}
     return dict(fits=fits, wb=wb, moments=(mu, sd),
-                neuron=sentiment_neuron({p: w for p, (w, _) in wb.items()}, Z, y, feature, hidden, log))
+                neuron=sentiment_neuron(ws, Z, y, feature, hidden, log) if ws else None)
 
 
 def run(a, log=print):
     """The whole experiment for parsed arguments `a`; returns the results dict (also written as JSON)."""
-    splits = labeled.load_task(a)
+    splits = labeled.load_task(a, log)
     model, config = load_pretrained(a.checkpoint, a.device)
     if a.dtype is None:  # the checkpoint's dtype on a GPU; fp32 on CPU, where half precision is slow
         a.dtype = config.get("dtype", "fp32") if a.device.startswith("cuda") else "fp32"
@@ -241,19 +254,26 @@ def run(a, log=print):
     # 2. Logistic regression, L1 and L2 with C chosen on validation, and the sentiment neuron, per feature.
     t0 = time.time()
     per = {f: fit_feature(f, {s: X[s][f] for s in SPLITS}, y, model.hidden, a.device, log) for f in a.feature}
-    best = max(a.feature, key=lambda f: (per[f]["fits"][a.penalty]["val_acc"], -a.feature.index(f)))
+    if not any(per[f]["fits"][a.penalty] for f in a.feature):
+        other = "l2" if a.penalty == "l1" else "l1"
+        if not any(per[f]["fits"][other] for f in a.feature):
+            raise DataError("every fit failed (see the lines above): no classifier to report")
+        log(f"note: every {a.penalty} fit failed (see the lines above); the output model is the {other} fit")
+        a.penalty = other
+    fitted = [f for f in a.feature if per[f]["fits"][a.penalty]]
+    best = max(fitted, key=lambda f: (per[f]["fits"][a.penalty]["val_acc"], -a.feature.index(f)))
     t1, base = time.time(), None
     if a.bow_vocab:  # the baseline does not depend on the checkpoint: --bow-vocab 0 skips it (a sweep fits it once)
         bows = standardize(*bag_of_words(*(splits[s][0] for s in SPLITS), vocab=a.bow_vocab))
-        base = fit_scored(dict(zip(SPLITS, bows)), y, a.penalty, a.device, "bag-of-words")[0]
-        base.pop("path")
-        base["seconds"] = round(time.time() - t1, 2)
+        if base := fit_scored(dict(zip(SPLITS, bows)), y, a.penalty, a.device, "bag-of-words")[0]:
+            base.pop("path")
+            base["seconds"] = round(time.time() - t1, 2)
     r, main = per[best], per[best]["fits"][a.penalty]
     res = dict(task=a.task or "files", checkpoint=os.path.abspath(a.checkpoint), hidden=model.hidden,
                feature=best, features=list(a.feature), penalty=a.penalty, device=a.device, dtype=a.dtype,
                test_acc=main["test_acc"], val_acc=main["val_acc"], train_acc=main["train_acc"], C=main["C"],
                nonzero=main["nonzero"], **r["neuron"], baseline_test_acc=base["test_acc"] if base else None,
-               baseline=base, fits=r["fits"], by_feature={f: dict(fits=per[f]["fits"], **per[f]["neuron"])
+               baseline=base, fits=r["fits"], by_feature={f: dict(fits=per[f]["fits"], **(per[f]["neuron"] or {}))
                                                           for f in a.feature},
                featurize=stats, solver_seconds=round(time.time() - t0, 2), classifier=os.path.abspath(a.classifier))
     clf = output_model.probe(best, a.dtype, r["moments"], r["wb"][a.penalty], main["C"], a.penalty, r["neuron"],

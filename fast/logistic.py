@@ -25,6 +25,21 @@ def _init(init, D1, device):
         torch.as_tensor(np.append(init[0], init[1]), dtype=torch.float64, device=device)
 
 
+def _solve_pd(A, rhs):
+    """A^-1 rhs for a symmetric A that is positive definite in exact arithmetic but perhaps not in floating point
+    (more free features than rows, duplicated or all-zero columns, bag-of-words counts, separable classes,
+    a Hessian summed in float32): a Cholesky, retried with damping mu I, mu growing tenfold from 1e-10 of the
+    largest diagonal entry, until it factorises. Damping only shortens a Newton step towards a gradient step:
+    the line search and the stopping test, both in float64, still lead to the optimum."""
+    scale, mu = float(A.diagonal().abs().max()), 0.0
+    for _ in range(25):
+        L, info = torch.linalg.cholesky_ex(A if mu == 0 else A + mu * torch.eye(len(A), dtype=A.dtype, device=A.device))
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs[:, None], L)[:, 0]
+        mu = 1e-10 * max(scale, 1e-300) if mu == 0 else 10 * mu
+    raise FloatingPointError(f"a Newton system of {len(A)} features stays singular after damping (max |H| {scale:g})")
+
+
 def fit_l2(X, y, C, init=None, tol=1e-12, max_iter=100, device="cpu"):
     """min_{w,b} sum_i [log(1+e^z_i) - y_i z_i] + ||w||^2/(2C), z = Xw + b: sklearn's LogisticRegression(C)
     (C * sum loss + ||w||^2/2) divided by C, same optimum. Newton/IRLS with step halving. -> (w, b)."""
@@ -39,7 +54,7 @@ def fit_l2(X, y, C, init=None, tol=1e-12, max_iter=100, device="cpu"):
         g = Xb.T @ (p - y) + reg * th
         A = Xb * (p * (1 - p)).sqrt()[:, None]
         Hm = A.T @ A + torch.diag(reg + 1e-12)  # X^T W X + R: the weighted least-squares normal matrix
-        step = torch.linalg.solve(Hm, g)
+        step = _solve_pd(Hm, g)
         dec = float(g @ step)  # Newton decrement^2: twice the predicted decrease
         t = 1.0
         while (fn := obj(th - t * step)) > f - 0.25 * t * dec and t >= 1e-8:  # Armijo step halving:
@@ -91,7 +106,7 @@ def _l1_newton_step(H, g, th, lam, tol, rounds=10, sweeps=15):
         s = torch.where(w != 0, torch.sign(w), torch.where(r > lam, -1.0, torch.where(r < -lam, 1.0, 0.0)))
         free = s != 0
         d = torch.zeros_like(w)
-        d[free] = -torch.cholesky_solve((r + lam * s)[free, None], torch.linalg.cholesky(H[free][:, free]))[:, 0]
+        d[free] = -_solve_pd(H[free][:, free], (r + lam * s)[free])
         # the model along w + t d is r.d t + d.H.d t^2 / 2 + lam.|w + t d|: try t = 1 and each t < 1 where a
         # weight reaches zero, keep the lowest
         cross = torch.where((w != 0) & (w * d < 0), -w / d, torch.full_like(w, 2.0))
@@ -131,7 +146,8 @@ def fit_l1(X, y, C, init=None, tol=1e-6, max_iter=100, device="cpu"):
         # shapes the step; the gradient and the stopping test stay float64.
         XS32 = XS.float()
         H = (XS32.T @ (XS32 * (p * (1 - p)).float()[:, None])).double()
-        H.diagonal().add_(1e-9 * float(H.diagonal().mean()))  # exactly collinear features stay solvable
+        # no zero on the diagonal, which coordinate descent divides by (an all-zero column, saturated rows)
+        H.diagonal().add_(1e-9 * float(H.diagonal().mean()) + 1e-12)
         thS, idx = th[S], S.nonzero()[:, 0]
         # the model solved only as well as this step needs: coarsely far from the optimum, finely close to it
         d = _l1_newton_step(H, g[S], thS, lam[S], 0.1 * max(tol * N, 0.1 * float(viol.max())))

@@ -134,9 +134,10 @@ def load_files(train, val, test, text_column, label_column, val_frac=0.2, seed=0
     return splits
 
 
-def load_task(a):
+def load_task(a, log=print):
     """The splits of transfer.py's arguments: --task sst2|imdb under --data-dir, or --train/--val/--test files;
-    with --limit, a seeded subset of at most that many texts per split. Every split must hold both classes."""
+    with --limit, a seeded subset of at most that many texts per split. train must hold both classes; a
+    validation or test split of one class is usable (its accuracy is still a measure) and gets a note."""
     if a.task == "sst2":
         splits = load_sst2(a.data_dir)
     elif a.task == "imdb":
@@ -146,8 +147,11 @@ def load_task(a):
     for name, (texts, labels) in splits.items():
         if a.limit and len(texts) > a.limit:
             splits[name] = carve(texts, labels, a.limit / len(texts), a.seed)[1]
-        if len(set(splits[name][1].tolist())) < 2:
-            raise DataError(f"{name} split: only one class present ({len(splits[name][1])} rows)")
+        if len(classes := set(splits[name][1].tolist())) < 2:
+            if name == "train":
+                raise DataError(f"train split: only one class present ({len(splits[name][1])} rows); a classifier "
+                                f"needs both")
+            log(f"note: the {name} split holds only label {classes.pop()} ({len(splits[name][1])} rows)")
     return splits
 
 

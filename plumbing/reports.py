@@ -87,14 +87,17 @@ def table(per, baseline, bow_vocab, penalty):
     alone, then the baseline -> text."""
     rows = []
     for f, r in per.items():
-        n = r["neuron"]
-        alone = dict(C=float("nan"), nonzero=1, **{f"{s}_acc": n[f"neuron_{s}_acc"] for s in ("train", "val", "test")})
-        rows += [(f"mLSTM {f} + L1", r["fits"]["l1"]), (f"mLSTM {f} + L2", r["fits"]["l2"]),
-                 (f"neuron {n['neuron']} ({'+' if n['neuron_sign'] > 0 else '-'}) alone", alone)]
+        rows += [(f"mLSTM {f} + L1", r["fits"]["l1"]), (f"mLSTM {f} + L2", r["fits"]["l2"])]
+        if n := r["neuron"]:
+            alone = dict(C=float("nan"), nonzero=1, **{f"{s}_acc": n[f"neuron_{s}_acc"] for s in ("train", "val", "test")})
+            rows.append((f"neuron {n['neuron']} ({'+' if n['neuron_sign'] > 0 else '-'}) alone", alone))
     if baseline:
         rows.append((f"bag of {bow_vocab} words + {penalty.upper()}", baseline))
     lines = [f"\n{'classifier':<32}{'C':>10}{'nonzero':>9}{'train':>8}{'val':>8}{'test':>8}"]
     for name, r in rows:
+        if r is None:  # every C of this fit failed (its lines are above)
+            lines.append(f"{name:<32}{'failed':>10}")
+            continue
         lines.append(f"{name:<32}{r['C']:>10.4g}{r['nonzero']:>9}{r['train_acc']:>8.4f}{r['val_acc']:>8.4f}"
                      f"{r['test_acc']:>8.4f}")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ import mlstm
 import train
 import transfer
 from data import DataError
+from fast import logistic
 from plumbing import labeled, reports
 
 
@@ -43,8 +44,8 @@ def test_l2_matches_sklearn(C):
 def test_l2_never_takes_a_step_that_raises_the_objective(monkeypatch):
     X, y = problem()
     w0, b0 = transfer.fit_l2(X, y, 1.0, max_iter=3)  # short of the optimum: a descent step exists
-    solve = torch.linalg.solve
-    monkeypatch.setattr(torch.linalg, "solve", lambda A, g: -solve(A, g))  # every direction points uphill
+    solve = logistic._solve_pd
+    monkeypatch.setattr(logistic, "_solve_pd", lambda A, g: -solve(A, g))  # every direction points uphill
     w, b = transfer.fit_l2(X, y, 1.0, init=(w0, b0))
     diff = max(np.abs(w - w0).max(), abs(b - b0))
     assert diff == 0, f"an uphill direction moved the fit by {diff:.2e}"
@@ -347,6 +348,77 @@ def test_an_l1_fit_that_keeps_no_unit_leaves_the_neuron_to_l2(tmp_path, monkeypa
     assert res["neuron_fit"] == "l2" and res["neuron"] == int(np.argmax(np.abs(w2))) != 0, \
         f"neuron {res['neuron']} from {res['neuron_fit']}; L2 weights {w2}"
     assert any("L1 fit kept no unit" in str(m) for m in notes), notes
+
+
+def planted_task(seed=0, sizes=(("train", 80), ("val", 40), ("test", 40)), units=6):
+    """Features with unit 0 informative, the rest noise; labels alternating."""
+    rng, feats, labels = np.random.default_rng(seed), {}, {}
+    for s, n in sizes:
+        labels[s] = np.arange(n) % 2
+        feats[s] = (rng.normal(size=(n, units)) + 2.0 * labels[s][:, None] * (np.arange(units) == 0)).astype(np.float32)
+    return feats, labels
+
+
+def test_a_fit_that_fails_is_one_line_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """A solver that raises at one C (a singular system, say): that C is one line naming the feature, the
+    penalty and C, skipped; the other Cs, the other penalty and the output model are there."""
+    real = transfer.fit_l1
+
+    def flaky(X, y, C, **kw):
+        if C == 0.5:
+            raise torch.linalg.LinAlgError("linalg.cholesky: the input is not positive-definite")
+        return real(X, y, C, **kw)
+
+    monkeypatch.setattr(transfer, "fit_l1", flaky)
+    res, _ = run_on_features(tmp_path, monkeypatch, *planted_task())
+    err = capsys.readouterr().err
+    failed = [line for line in err.splitlines() if "failed" in line]
+    assert failed == ["fit cell l1: C 0.5 (8/11): failed, skipped (LinAlgError: linalg.cholesky: the input is not "
+                      "positive-definite)"], err
+    assert [p["C"] for p in res["fits"]["l1"]["path"]] == [C for C in transfer.GRID if C != 0.5]
+    assert res["neuron"] == 0 and res["test_acc"] > 0.7 and os.path.isfile(tmp_path / "out" / "classifier.pt"), res
+
+
+def test_every_fit_of_the_asked_penalty_failing_falls_back_to_the_other(tmp_path, monkeypatch, capsys):
+    def broken(X, y, C, **kw):
+        raise FloatingPointError("a Newton system stays singular after damping")
+
+    monkeypatch.setattr(transfer, "fit_l1", broken)
+    res, notes = run_on_features(tmp_path, monkeypatch, *planted_task())
+    err = capsys.readouterr().err
+    assert err.count("fit cell l1: C ") == len(transfer.GRID) and "fit cell l1: every C failed" in err, err
+    assert res["penalty"] == "l2" and res["fits"]["l1"] is None and res["neuron_fit"] == "l2", res
+    assert any("every l1 fit failed" in str(m) for m in notes), notes
+    monkeypatch.setattr(transfer, "fit_l2", broken)
+    with pytest.raises(DataError, match="every fit failed"):
+        run_on_features(tmp_path, monkeypatch, *planted_task())
+
+
+def test_a_validation_or_test_split_of_one_class_is_used_with_a_note(tmp_path, monkeypatch):
+    feats, labels = planted_task()
+    labels["val"] = np.ones_like(labels["val"])
+    res, notes = run_on_features(tmp_path, monkeypatch, feats, labels)
+    assert any("the val split holds only label 1" in str(m) for m in notes), notes
+    assert 0 <= res["val_acc"] <= 1 and res["test_acc"] > 0.7, res
+
+
+def test_the_generic_command_on_a_1000_row_csv_runs_to_the_end(tmp_path, capsys):
+    """The README's 'bring your own CSV' command on 1000 rows of many distinct words: the bag-of-words L1 fit
+    then has more free features than rows, whose Hessian is singular (it raised a Cholesky error once)."""
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(3000)]
+    rows = []
+    for i in range(1000):
+        words = list(rng.choice(vocab, 6)) + ["great" if i % 2 else "awful"] * int(rng.random() < 0.7)
+        rows.append(f"{i % 2},{' '.join(words)}\n")
+    train_csv = write(tmp_path / "a.csv", "label,text\n" + "".join(rows[:800]))
+    test_csv = write(tmp_path / "b.csv", "label,text\n" + "".join(rows[800:]))
+    argv = ["--checkpoint", tiny_checkpoint(tmp_path), "--train", train_csv, "--test", test_csv,
+            "--text-column", "text", "--label-column", "label", "--device", "cpu", "--heatmap", "2"]
+    res = transfer.run(transfer.parse_args(argv), log=lambda *a: None)
+    assert res["baseline"]["test_acc"] > 0.75 and res["baseline"]["nonzero"] > 0, res["baseline"]
+    err = capsys.readouterr().err
+    assert "failed" not in err, err  # every fit converged: none was skipped
 
 
 def test_the_feature_cache_misses_on_any_change_of_checkpoint_texts_feature_or_dtype(tmp_path):
