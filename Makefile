@@ -7,12 +7,17 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test bench clean
 
+# What is installed is said first (pip -q is otherwise silent for minutes): the requirement lines of each file.
+SAY = @echo "make: installing into $(VENV) (a few minutes the first time): $$(grep -hv '^\s*\#' $(1) | xargs)"
+
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
+	$(call SAY,requirements.txt)
 	$(BIN)/pip install -q -r requirements.txt
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(call SAY,requirements-test.txt)
 	$(BIN)/pip install -q -r requirements.txt -r requirements-test.txt
 	touch $@
 

@@ -7,7 +7,7 @@ label (1 positive, 0 negative), the probability of positive, and the sentiment n
 (higher = more positive; empty for a fine-tuned model), as CSV or JSON lines. Large inputs stream through in
 blocks of --block texts, with a progress line; with --label-column it also reports the accuracy.
 
-    python classify.py --model out/demo/transfer-sst2/classifier.pt "A gripping, funny film." "Dull and long."
+    python classify.py --model out/demo/transfer-sst2-ckpt/classifier.pt "A gripping, funny film." "Dull and long."
     python classify.py --model M --input reviews.txt --out predictions.csv        # one text per line
     python classify.py --model M --input reviews.jsonl.gz --text-column text --out predictions.jsonl
     python classify.py --model M --input ../shared/data/sst2/test.csv --text-column sentence --label-column label
@@ -27,6 +27,7 @@ import torch
 
 import data
 from plumbing import cli, labeled, output_model
+from plumbing.sources import DataError, not_text
 from transfer import DEVICES, DTYPES, featurize
 
 
@@ -101,17 +102,22 @@ def main(a):
                     labelled, right = labelled + 1, right + (predicted == label)
             n, nbytes = n + len(block), nbytes + size
             progress(n, nbytes)
+        if n == 0:
+            raise DataError(f"{a.input}: no texts in it (empty lines are skipped); nothing written")
         progress(n, nbytes, final=True)
         ok = True
     finally:
         close(ok)
-    print(f"classify: {n} texts" + (f" -> {a.out}" if a.out else "") +
-          (f"; accuracy {right / labelled:.4f} on {labelled} labelled texts" if labelled else ""), file=sys.stderr)
+    said = ([f"wrote {a.out}"] if a.out else []) + \
+        ([f"accuracy {right / labelled:.4f} on {labelled} labelled texts"] if labelled else [])
+    if said:  # the count and speed are the progress line's
+        print("classify: " + "; ".join(said), file=sys.stderr)
     return dict(texts=n, accuracy=right / labelled if labelled else None)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Label texts with an output model of transfer.py or finetune.py.")
+    p = argparse.ArgumentParser(description="Label texts with an output model of transfer.py or finetune.py.",
+                                formatter_class=cli.Help)
     p.add_argument("texts", nargs="*", help="texts to classify (or --input)")
     p.add_argument("--model", required=True, help="classifier.pt written by transfer.py or finetune.py")
     p.add_argument("--input", help="a text file (one text per line) or .csv/.tsv/.jsonl, optionally .gz/.bz2/.xz")
@@ -124,6 +130,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="texts per featurisation batch")
     p.add_argument("--chunk", type=int, default=256, help="bytes per window of long texts (state carried)")
     p.add_argument("--block", type=int, default=4096, help="texts read, classified and written at a time")
+    p.add_argument("--allow-binary", action="store_true", help="read an --input that does not look like text")
     a = p.parse_args(argv)
     if bool(a.texts) == bool(a.input):
         p.error("give texts on the command line or --input FILE (one of them)")
@@ -134,6 +141,11 @@ def parse_args(argv=None):
         p.error(why)
     if a.input and not os.path.isfile(a.input):
         p.error(f"--input {a.input}: no such file")
+    try:
+        if a.input and not a.allow_binary and (why := not_text(a.input)):
+            p.error(f"--input {a.input}: {why}; --allow-binary reads it anyway")
+    except DataError as e:  # compressed otherwise than named, a damaged archive
+        p.error(f"--input {e}")
     cli.check_output_file(p, "--out", a.out)
     if a.out and not a.out.lower().endswith((".csv", ".jsonl", ".json")):
         p.error(f"--out {a.out}: name it .csv or .jsonl")
@@ -144,4 +156,5 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     args = parse_args()
-    cli.main_guard(lambda: main(args), oom="lower --batch-size, --chunk or --block")
+    cli.main_guard(lambda: main(args), oom="lower --batch-size, --chunk or --block",
+                   interrupted="interrupted: " + (f"{args.out} not written" if args.out else "the rows above were written"))

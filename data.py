@@ -27,7 +27,7 @@ import numpy as np
 
 from plumbing import cli
 from plumbing.folders import SPLITS, check_out, locked, replacing
-from plumbing.sources import DataError, documents, fingerprint
+from plumbing.sources import DataError, documents, fingerprint, not_text, source_kind
 
 
 def normalize(text, errors="replace"):
@@ -78,14 +78,16 @@ class ByteLoader:
         return chunk[:, :-1], chunk[:, 1:]
 
 
-def prepare(sources, out_dir, text_field="reviewText", val_frac=0.01, test_frac=0.01, seed=0, log=print, reuse=False):
+def prepare(sources, out_dir, text_field="reviewText", val_frac=0.01, test_frac=0.01, seed=0, log=print, reuse=False,
+            allow_binary=False):
     """Stream `sources` into out_dir/{split}.bin + {split}.idx + meta.json; returns the meta dict.
 
     Each document goes to val with probability val_frac, test with test_frac, else train, drawn
     from a generator seeded by `seed`: the split is a pure function of the sources' contents+order.
     out_dir must be new, empty or a previous prepared corpus, and hold no source; it is replaced whole or not
     at all (plumbing/folders.py). With reuse=True, a corpus another process prepared in out_dir while this one
-    waited for the lock is returned as it is.
+    waited for the lock is returned as it is. A source that does not look like text (random bytes, a program)
+    is refused unless allow_binary.
     """
     if not 0 <= val_frac < 1 or not 0 <= test_frac < 1 or val_frac + test_frac >= 1:
         raise DataError(f"bad split fractions val={val_frac} test={test_frac}")
@@ -99,6 +101,9 @@ def prepare(sources, out_dir, text_field="reviewText", val_frac=0.01, test_frac=
             inside = False
         if inside:
             raise DataError(f"{src}: the source lies inside the output folder {out_dir}; choose another one")
+        # (a named pipe is not peeked at: it can be read only once)
+        if not allow_binary and os.path.isfile(src) and source_kind(src) != "imdb" and (why := not_text(src)):
+            raise DataError(f"{src}: {why}; --allow-binary reads it anyway")
     check_out(out_dir)  # before the lock, so that a refused folder gets no OUT.lock beside it
     with locked(out_dir + ".lock", log):  # one preparation of out_dir at a time (two runs started together)
         if reuse and os.path.isfile(os.path.join(out_dir, "meta.json")):
@@ -107,7 +112,8 @@ def prepare(sources, out_dir, text_field="reviewText", val_frac=0.01, test_frac=
         with replacing(out_dir) as tmp:
             meta = write_shards(sources, tmp, text_field, val_frac, test_frac, seed, log)
     log(f"prepare: {out_dir}: " + ", ".join(f"{s} {meta['documents'][s]} docs {meta['bytes'][s] / 1e6:.2f} MB"
-                                            for s in SPLITS))
+                                            for s in SPLITS)
+        + "".join(f"; the text of {src}: its column {col!r}" for src, col in meta.get("columns", {}).items()))
     return meta
 
 
@@ -118,8 +124,10 @@ def write_shards(sources, folder, text_field, val_frac, test_frac, seed, log):
     bins = {s: open(os.path.join(folder, s + ".bin"), "wb") for s in SPLITS}
     idxs = {s: open(os.path.join(folder, s + ".idx"), "wb") for s in SPLITS}
     pos, docs = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    columns = {}  # the CSV/TSV column each such source was read from
     try:
         for src in sources:
+            stats.pop("column", None)
             for text in documents(src, text_field, stats):
                 r = rng.random()
                 split = "val" if r < val_frac else "test" if r < val_frac + test_frac else "train"
@@ -130,6 +138,8 @@ def write_shards(sources, folder, text_field, val_frac, test_frac, seed, log):
                 docs[split] += 1
                 if sum(docs.values()) % 100000 == 0:
                     log(f"prepare: {sum(docs.values())} documents, {sum(pos.values()) / 1e6:.1f} MB")
+            if "column" in stats:
+                columns[src] = stats["column"]
     finally:
         for f in (*bins.values(), *idxs.values()):
             f.close()
@@ -142,13 +152,15 @@ def write_shards(sources, folder, text_field, val_frac, test_frac, seed, log):
     if stats["skipped"]:
         log(f"prepare: skipped {stats['skipped']} lines, e.g. " + "; ".join(stats["examples"]))
     meta = {"sources": [os.path.abspath(s) for s in sources], "text_field": text_field, "val_frac": val_frac,
-            "test_frac": test_frac, "seed": seed, "bytes": pos, "documents": docs, "skipped": stats["skipped"]}
+            "test_frac": test_frac, "seed": seed, "bytes": pos, "documents": docs, "skipped": stats["skipped"],
+            "columns": columns}
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return meta
 
 
-def resolve(data, cache_dir, text_field="reviewText", val_frac=0.01, test_frac=0.01, seed=0, log=print):
+def resolve(data, cache_dir, text_field="reviewText", val_frac=0.01, test_frac=0.01, seed=0, log=print,
+            allow_binary=False):
     """A prepared corpus folder for `data`: itself if it holds meta.json (logging its own split settings where
     they differ from the ones given), else a cached preparation keyed by the source's path, size and mtime (a
     folder's: its files') and the split settings (prepared on first use, once: a second process asking for it
@@ -170,7 +182,7 @@ def resolve(data, cache_dir, text_field="reviewText", val_frac=0.01, test_frac=0
     out = os.path.join(cache_dir, os.path.basename(os.path.normpath(data)) + "-" + hashlib.sha1(key.encode()).hexdigest()[:10])
     if not os.path.isfile(os.path.join(out, "meta.json")):
         log(f"prepare: {data} -> {out}")
-        prepare([data], out, text_field, val_frac, test_frac, seed, log, reuse=True)
+        prepare([data], out, text_field, val_frac, test_frac, seed, log, reuse=True, allow_binary=allow_binary)
     return out
 
 
@@ -183,7 +195,9 @@ if __name__ == "__main__":
     p.add_argument("--val-frac", type=float, default=0.01, help="share of documents in val (paper: 0.001)")
     p.add_argument("--test-frac", type=float, default=0.01, help="share of documents in test (paper: 0.001)")
     p.add_argument("--seed", type=int, default=0, help="seed of the document split")
+    p.add_argument("--allow-binary", action="store_true", help="read a source that does not look like text")
     a = p.parse_args()
     # ctrl-C: the partial output is already removed, a previous corpus in --out kept
-    cli.main_guard(lambda: prepare(a.sources, a.out, a.text_field, a.val_frac, a.test_frac, a.seed),
+    cli.main_guard(lambda: prepare(a.sources, a.out, a.text_field, a.val_frac, a.test_frac, a.seed,
+                                   allow_binary=a.allow_binary),
                    interrupted=f"interrupted: {a.out} left as it was")

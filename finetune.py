@@ -239,7 +239,7 @@ def main(a):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Fine-tune the pretrained mLSTM for sentiment (see the docstring).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.Help)
     p.add_argument("--checkpoint", default=os.path.relpath(RELEASED), help="train.py checkpoint or released model")
     labeled.add_task_arguments(p)
     p.add_argument("--max-bytes", type=int, help="cut every text to its last N bytes (long reviews; default: whole)")

@@ -131,10 +131,10 @@ def open_corpus(cfg, d, log):
     try:
         where = (cfg["data"], cfg["cache_dir"], cfg["text_field"], cfg["val_frac"], cfg["test_frac"])
         if d.main:
-            corpus = data.resolve(*where, log=log)
+            corpus = data.resolve(*where, log=log, allow_binary=cfg["allow_binary"])
         distributed.barrier()
         if not d.main:
-            corpus = data.resolve(*where)
+            corpus = data.resolve(*where, allow_binary=cfg["allow_binary"])
         B, T = cfg["batch_size"], cfg["seq_len"]
         loader, evals = data.ByteLoader(os.path.join(corpus, "train.bin"), B, T, d.rank, d.world), {}
         for split in ("val", "test"):
@@ -200,12 +200,14 @@ def main(cfg):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a byte-level mLSTM language model (Puri et al. 2018).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.Help)
     p.add_argument("--data", default="data/reviews.txt.gz",
                    help="a prepared corpus folder (data.py), or a raw source: text, .jsonl[.gz], .csv, aclImdb")
     p.add_argument("--out", default="out/demo", help="folder for config.json, metrics.jsonl, ckpt.pt")
     p.add_argument("--cache-dir", default="data/prepared", help="where raw sources are prepared on first use")
-    p.add_argument("--text-field", default="reviewText", help="JSON field / CSV column of the text")
+    p.add_argument("--text-field", default="reviewText", help="JSON field / CSV column of the text (a CSV without "
+                   "it: its text, sentence or review column)")
+    p.add_argument("--allow-binary", action="store_true", help="train on a source that does not look like text")
     p.add_argument("--val-frac", type=float, default=0.01, help="documents held out for validation (paper 0.001)")
     p.add_argument("--test-frac", type=float, default=0.01, help="documents held out for test (paper 0.001)")
     p.add_argument("--hidden", default="demo", help=f"mLSTM units: an integer or a preset {PRESETS}")
@@ -247,7 +249,7 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=600, help="seconds a process waits for the others in a "
                    "collective before it ends with an error (a rank that died or hangs)")
     a = p.parse_args(argv)
-    a.hidden = PRESETS.get(a.hidden) or (int(a.hidden) if a.hidden.isdigit() else p.error(
+    a.hidden = PRESETS.get(a.hidden) or (int(a.hidden) if a.hidden.lstrip("+-").isdigit() else p.error(
         f"--hidden must be an integer or one of {list(PRESETS)}"))
     big = 2**62  # steps, counts and seeds become int64 on the device
     cli.require(p, a, ("hidden", "embed", "batch_size", "seq_len", "log_every", "eval_every", "eval_iters",

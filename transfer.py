@@ -18,11 +18,11 @@ the same classifier on bag-of-words counts of the same splits.
         --text-column text --label-column label
     options: --feature cell,mean,max,concat,hidden,hidden-concat|all  --penalty l1|l2  --json results.json
              --out DIR  --cache-dir DIR  --device cuda|cpu  --dtype fp32|fp16|bf16  --batch-size 64  --chunk 256
-    python classify.py --model CKPT_DIR/transfer-sst2/classifier.pt "A gripping, funny film."
+    python classify.py --model CKPT_DIR/transfer-sst2-CKPT_NAME/classifier.pt "A gripping, funny film."
 
 Of the features asked for, the one whose --penalty fit is best on validation is reported and written as the
 output model (--out/classifier.pt: plumbing/output_model.py). Features are cached as .npy in --cache-dir
-(default CKPT_DIR/features/, safe to delete). Writes to --out (default CKPT_DIR/transfer-TASK/): results.json,
+(default CKPT_DIR/features/, safe to delete). Writes to --out (default CKPT_DIR/transfer-TASK-CKPT_NAME/): results.json,
 classifier.pt, heatmap.html (the neuron per byte, each text's label and prediction), histogram.txt (+ .png).
 """
 import argparse
@@ -292,7 +292,8 @@ def feature_list(s):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Sentiment transfer from a pretrained byte mLSTM (see the docstring).")
+    p = argparse.ArgumentParser(description="Sentiment transfer from a pretrained byte mLSTM (see the docstring).",
+                                formatter_class=cli.Help)
     p.add_argument("--checkpoint", default=os.path.relpath(RELEASED),
                    help="train.py checkpoint or released model (.pt); default: the released model, %(default)s")
     labeled.add_task_arguments(p)
@@ -306,7 +307,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="texts per featurisation batch")
     p.add_argument("--chunk", type=int, default=256, help="bytes per window of long texts (state carried)")
     p.add_argument("--cache-dir", help="feature cache (default: CHECKPOINT_DIR/features); deletable")
-    p.add_argument("--out", help="output folder (default: CHECKPOINT_DIR/transfer-TASK)")
+    p.add_argument("--out", help="output folder (default: CHECKPOINT_DIR/transfer-TASK-CHECKPOINT_NAME)")
     p.add_argument("--classifier", help="where the output model goes (default: OUT/classifier.pt)")
     p.add_argument("--json", help="also write the results JSON here")
     p.add_argument("--heatmap", type=int, default=8, help="N test texts in heatmap.html, half of each class (an odd "
@@ -324,8 +325,14 @@ def parse_args(argv=None):
         p.error(f"--checkpoint {a.checkpoint}: no such file")
     ckpt_dir = os.path.dirname(os.path.abspath(a.checkpoint))
     a.cache_dir = a.cache_dir or os.path.join(ckpt_dir, "features")
-    a.out = a.out or os.path.join(ckpt_dir, f"transfer-{a.task or 'files'}")
+    stem = os.path.splitext(os.path.basename(a.checkpoint))[0]  # two models in one folder: two output folders
+    a.out = a.out or os.path.join(ckpt_dir, f"transfer-{a.task or 'files'}-{stem}")
     a.classifier = a.classifier or os.path.join(a.out, "classifier.pt")
+    if os.path.isfile(a.classifier):  # never silently replace the output model of another language model
+        made = output_model.load(a.classifier)["checkpoint"]
+        if made["sha256"] != output_model.sha256(a.checkpoint):
+            p.error(f"{a.classifier} holds the classifier of another language model ({made['path']}); give "
+                    f"another --out (or --classifier), or delete it")
     cli.check_output_dir(p, "--out", a.out)  # now, not after the featurising and fitting; run() creates it
     cli.check_output_file(p, "--json", a.json)
     if os.path.dirname(os.path.abspath(a.classifier)) != os.path.abspath(a.out):

@@ -3,6 +3,7 @@
 A user's mistake (a bad file, too little memory, ctrl-C, a closed pipe, a peer process that died) ends a
 script with one line naming the problem, never a traceback from deep inside; a bug still shows its traceback.
 """
+import argparse
 import os
 import sys
 import time
@@ -12,6 +13,17 @@ import torch
 import torch.distributed as dist
 
 from plumbing.sources import DataError
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help that shows each flag's default where it has one (not None, not a switch's False) and its help text
+    does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def require(p, a, names, ok, rule):
@@ -81,7 +93,7 @@ def out_of_memory(e):
     return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(e)
 
 
-def main_guard(main, oom="lower --batch-size", interrupted=None):
+def main_guard(main, oom="lower --batch-size", interrupted="interrupted"):
     """Run main() as a script's __main__. Bad input (DataError, OSError) and running out of memory end with one
     'error: ...' line (exit 1; `oom`: the hint), ctrl-C with the `interrupted` line (exit 130), a closed stdout
     quietly (exit 1). Under torchrun, a collective that failed because a peer died or hangs names this rank
@@ -89,8 +101,7 @@ def main_guard(main, oom="lower --batch-size", interrupted=None):
     try:
         return main()
     except KeyboardInterrupt:
-        if interrupted:
-            print(interrupted, file=sys.stderr, flush=True)
+        print(interrupted, file=sys.stderr, flush=True)
         sys.exit(130)
     except BrokenPipeError:  # stdout closed early (| head): stop quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail

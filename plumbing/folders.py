@@ -2,7 +2,7 @@
 
 data.prepare writes a corpus into OUT.tmp and swaps it in for OUT (the old one renamed OUT.old, the new one
 to OUT, then OUT.old deleted): an interrupted run leaves the old corpus or the new one, never half of one.
-A lock file beside OUT makes two preparations of one folder wait for each other.
+A lock file beside OUT (deleted when done) makes two preparations of one folder wait for each other.
 """
 import contextlib
 import errno
@@ -39,19 +39,33 @@ def check_out(out_dir):
 @contextlib.contextmanager
 def locked(path, log, busy=None):
     """Hold an exclusive lock on the file `path` for the with-block, across processes: waiting for another
-    holder, or with `busy` (a message) raising DataError(busy) at once. The lock file stays: deleting it would
-    let a third process lock a new file while a second waits on the old."""
+    holder, or with `busy` (a message) raising DataError(busy) at once. The holder deletes the lock file before
+    it lets go, so that nothing is left behind; a waiter that then finds its file gone (it locked a deleted
+    file) opens the path again."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "a") as f:
+    while True:
+        f = open(path, "a")
         try:
             if fcntl:
                 fcntl.flock(f, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
         except OSError as e:
             if busy and e.errno in (errno.EAGAIN, errno.EACCES):  # EACCES: where flock is emulated by fcntl
+                f.close()
                 raise DataError(busy) from None
             # e.g. Lustre or NFS mounted without locks: ENOLCK, ENOSYS
             log(f"warning: no file lock on {path} ({e.strerror}); going on unlocked")
+        try:
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        f.close()  # the previous holder deleted it: lock the new one
+    try:
         yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        f.close()
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ def claimed(out, main, log):
     if not main:
         yield
         return
+    made = not os.path.exists(out)  # and so removed again if the run leaves nothing in it (a refused start)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -47,6 +48,9 @@ def claimed(out, main, log):
             yield
     except DataError as e:  # the lock's (train.py turns its own data errors into messages)
         raise SystemExit(f"error: {e}")
+    finally:
+        if made and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
 
 
 def start_run_files(cfg, start, log):

@@ -54,6 +54,21 @@ def open_text(path):
     return io.TextIOWrapper(raw, encoding="utf-16" if utf16 else "utf-8-sig", errors="replace", newline="")
 
 
+def not_text(path, sample=1 << 16):
+    """Why the file `path` (decompressed as named) does not look like text, or None: in its first 64k characters,
+    more than 0.1% NUL bytes or more than 20% bytes that are not UTF-8 (random bytes: about half; a binary file,
+    an image or a model: most). Text in another 8-bit encoding (Latin-1) stays well below that."""
+    try:
+        with open_text(path) as f:
+            head = f.read(sample)
+    except BAD_FILE as e:  # a truncated or damaged archive
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})")
+    nul, bad = head.count("\0") / max(len(head), 1), head.count("\ufffd") / max(len(head), 1)
+    if nul > 0.001 or bad > 0.2:
+        return f"does not look like text ({nul:.1%} NUL bytes, {bad:.0%} not UTF-8 in its first {len(head)} characters)"
+    return None
+
+
 # The longest line (document) read, in characters: a longer one is skipped and counted, read in bounded pieces,
 # so that a file with no newline (a 1 GB "line") costs bounded memory. A review is a few kB.
 MAX_LINE = 2**22
@@ -182,6 +197,7 @@ def documents(path, text_field="reviewText", stats=None):
                     (c for c in ("text", "sentence", "review") if c in fields), None)
                 if column is None:
                     raise DataError(f"{path}: no text column {text_field!r} (columns: {fields})")
+                stats["column"] = column  # prepare says which column it read
                 done = lineno[0]
                 try:
                     for row in reader:

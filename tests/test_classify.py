@@ -134,3 +134,39 @@ def test_bad_input_names_the_file_and_leaves_no_partial_output(fitted, tmp_path,
         with pytest.raises(SystemExit):
             classify.parse_args(flags)
         assert said in capsys.readouterr().err
+
+
+def test_an_empty_or_binary_input_is_refused_and_the_count_is_said_once(fitted, tmp_path, capsys):
+    _, files, _, model = fitted
+    (tmp_path / "empty.txt").write_text("\n\n")
+    out = tmp_path / "p.csv"
+    with pytest.raises(data.DataError, match="empty.txt: no texts in it"):
+        classify_run("--model", model, "--input", str(tmp_path / "empty.txt"), "--out", str(out))
+    assert not out.exists() and not (tmp_path / "p.csv.tmp").exists(), os.listdir(tmp_path)
+    (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes())
+    with pytest.raises(SystemExit):
+        classify.parse_args(["--model", model, "--input", str(tmp_path / "random.bin")])
+    err = capsys.readouterr().err
+    assert "random.bin: does not look like text" in err and "--allow-binary reads it anyway" in err, err
+    # forced: classified as texts of replacement characters
+    assert classify_run("--model", model, "--input", str(tmp_path / "random.bin"), "--out", str(out),
+                        "--allow-binary")["texts"] > 0
+    capsys.readouterr()
+    classify_run("--model", model, "--input", files["test"], "--label-column", "label", "--out", str(out))
+    err = capsys.readouterr().err
+    assert err.count("50 texts") == 1 and "accuracy 0." in err, err  # the progress line says the count, once
+
+
+def test_two_models_in_one_folder_get_two_output_folders_and_never_replace_each_other(tmp_path, capsys):
+    files = noisy_task(tmp_path)
+    a, b = checkpoint(tmp_path, "a.pt", seed=0), checkpoint(tmp_path, "b.pt", seed=1)
+    task = ["--train", files["train"], "--test", files["test"], "--device", "cpu", "--bow-vocab", "0", "--heatmap", "0"]
+    for ckpt in (a, b):
+        transfer.run(transfer.parse_args(["--checkpoint", ckpt, *task]), log=lambda *a: None)
+    for name, ckpt in (("a", a), ("b", b)):
+        clf = output_model.load(str(tmp_path / f"transfer-files-{name}" / "classifier.pt"))
+        assert clf["checkpoint"]["sha256"] == output_model.sha256(ckpt), name
+    with pytest.raises(SystemExit):  # b's run into a's folder: refused before featurising
+        transfer.parse_args(["--checkpoint", b, *task, "--out", str(tmp_path / "transfer-files-a")])
+    assert "holds the classifier of another language model" in capsys.readouterr().err
+    transfer.parse_args(["--checkpoint", a, *task, "--out", str(tmp_path / "transfer-files-a")])  # its own: fine

@@ -270,7 +270,7 @@ def test_prepare_replaces_a_previous_corpus_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", replace)
     new = data.prepare([str(tmp_path / "src.txt")], out, seed=2, log=quiet)
     assert (old["seed"], new["seed"]) == (1, 2) and json.load(open(os.path.join(out, "meta.json")))["seed"] == 2
-    assert sorted(os.listdir(tmp_path)) == ["c", "c.lock", "src.txt"], os.listdir(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["c", "src.txt"], os.listdir(tmp_path)  # the lock file deleted
     open(os.path.join(out, ".DS_Store"), "wb").close()  # the Finder has shown the folder: still a corpus
     assert data.prepare([str(tmp_path / "src.txt")], out, seed=3, log=quiet)["seed"] == 3
 
@@ -330,7 +330,7 @@ def test_a_cache_inside_a_folder_source_does_not_change_its_key(tmp_path):
     write_imdb(str(tmp_path / "src"))
     cache = str(tmp_path / "src" / "prepared")  # train.py's default --cache-dir inside a --data folder
     outs = {data.resolve(str(tmp_path / "src"), cache, log=quiet) for _ in range(3)}
-    assert len(outs) == 1 and len(os.listdir(cache)) == 2, (outs, os.listdir(cache))  # the corpus and its lock
+    assert len(outs) == 1 and len(os.listdir(cache)) == 1, (outs, os.listdir(cache))  # the corpus (its lock deleted)
 
 
 def test_without_file_locks_preparation_goes_on_with_a_warning(tmp_path, monkeypatch):
@@ -352,7 +352,7 @@ def test_a_symlinked_out_is_written_through_and_a_refused_out_gets_no_lock(tmp_p
     for _ in range(2):  # the second replaces the first corpus
         data.prepare([str(tmp_path / "s.txt")], str(tmp_path / "link"), val_frac=0, test_frac=0, log=quiet)
         assert os.path.islink(tmp_path / "link") and read_split(str(tmp_path / "real"), "train") == [b"\n a review "]
-    assert sorted(os.listdir(tmp_path)) == ["link", "real", "real.lock", "s.txt"], os.listdir(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["link", "real", "s.txt"], os.listdir(tmp_path)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes").write_text("mine")
     with pytest.raises(data.DataError, match="mine: exists and is neither empty nor a prepared corpus"):

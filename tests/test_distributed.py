@@ -324,3 +324,30 @@ def test_a_failing_rank_ends_the_others_with_a_message(runs, fail):
     if fail == "dies":
         # the closed socket, not the timeout: no wall-clock bound (noisy machines), the message tells
         assert codes[1] == 3 and "timed out" not in error.lower(), f"exit codes {codes}, error {error!r}"
+
+
+@pytest.mark.parametrize("comm_dtype", [None, torch.float32])
+def test_buckets_stay_within_the_cap_and_are_filled_in_order(comm_dtype):
+    """GradReducer.buckets against a re-statement of its rule, on random tensor sizes, dtypes and caps: the buckets
+    hold every gradient once, in order; one of several tensors never exceeds the cap (in the communicated dtype's
+    bytes), one of a single tensor only when that tensor alone does; a bucket is cut only where the next tensor
+    would overflow it or changes dtype."""
+    rng = random.Random(0)
+    for trial in range(200):
+        grads = [torch.empty(rng.choice([1, 7, 100, 1000, 5000]),
+                             dtype=rng.choice([torch.float16, torch.float32]) if trial % 2 else torch.float32)
+                 for _ in range(rng.randint(1, 30))]
+        reducer = distributed.GradReducer(rng.choice([1e-6, 1e-3, 0.004, 0.02, 25.0]), comm_dtype)
+        cap = reducer.bucket_bytes
+        size = lambda g: g.numel() * (comm_dtype.itemsize if comm_dtype else g.element_size())  # noqa: E731
+        buckets = reducer.buckets(grads)
+        flat = [g for b in buckets for g in b]
+        assert len(flat) == len(grads) and all(a is b for a, b in zip(flat, grads)), "not every gradient once, in order"
+        for k, b in enumerate(buckets):
+            total = sum(map(size, b))
+            assert len(b) == 1 or total <= cap, f"trial {trial}: a bucket of {len(b)} tensors holds {total} B > {cap} B"
+            assert len({g.dtype for g in b}) == 1, f"trial {trial}: dtypes mixed in one bucket"
+            if k + 1 < len(buckets):
+                nxt = buckets[k + 1][0]
+                assert total + size(nxt) > cap or nxt.dtype != b[0].dtype, \
+                    f"trial {trial}: bucket {k} ({total} B) cut although the next tensor ({size(nxt)} B) fits in {cap} B"

@@ -21,7 +21,7 @@ import data
 import mlstm
 import train
 import transfer
-from plumbing import checkpoints, labeled, sources
+from plumbing import checkpoints, labeled, output_model, sources
 from tools import bench, generate
 from data import DataError
 
@@ -447,20 +447,24 @@ def test_running_out_of_memory_on_the_cpu_is_one_line(tmp_path):
 OOM = RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
 
 
-@pytest.mark.parametrize("script", ["transfer.py", "tools/generate.py"])
+@pytest.mark.parametrize("script", ["transfer.py", "tools/generate.py", "classify.py"])
 @pytest.mark.parametrize("fault, said", [
     (KeyboardInterrupt(), None), (OOM, "error: out of memory"), (RuntimeError("a bug"), None)])
-def test_the_scripts_end_on_ctrl_c_and_out_of_memory_with_one_line(tmp_path, monkeypatch, script, fault, said):
+def test_the_scripts_end_on_ctrl_c_and_out_of_memory_with_one_line(tmp_path, monkeypatch, capsys, script, fault,
+                                                                     said):
     """Each script's __main__ as run from the command line, the model loader raising the fault."""
     (tmp_path / "ckpt.pt").write_bytes(b"")
     (tmp_path / "a.csv").write_text("label,text\n1,good\n0,bad\n1,fine\n0,awful\n1,great\n0,poor\n")
-    argv = {"transfer.py": ["--train", str(tmp_path / "a.csv"), "--test", str(tmp_path / "a.csv"), "--val-frac", "0.5"],
-            "tools/generate.py": []}[script]
-    monkeypatch.setattr(sys, "argv", [script, "--checkpoint", str(tmp_path / "ckpt.pt"), "--device", "cpu", *argv])
+    argv = {"transfer.py": ["--checkpoint", str(tmp_path / "ckpt.pt"), "--train", str(tmp_path / "a.csv"), "--test",
+                            str(tmp_path / "a.csv"), "--val-frac", "0.5"],
+            "tools/generate.py": ["--checkpoint", str(tmp_path / "ckpt.pt")],
+            "classify.py": ["--model", str(tmp_path / "ckpt.pt"), "a good film"]}[script]
+    monkeypatch.setattr(sys, "argv", [script, "--device", "cpu", *argv])
 
     def fail(*a, **k):
         raise fault
     monkeypatch.setattr(checkpoints, "load_pretrained", fail)
+    monkeypatch.setattr(output_model, "load", fail)  # classify.py's first read
     if isinstance(fault, RuntimeError) and said is None:  # not a memory error: the traceback, as for any bug
         with pytest.raises(RuntimeError, match="a bug"):
             runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
@@ -468,7 +472,8 @@ def test_the_scripts_end_on_ctrl_c_and_out_of_memory_with_one_line(tmp_path, mon
     with pytest.raises(SystemExit) as e:
         runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     if isinstance(fault, KeyboardInterrupt):
-        assert e.value.code == 130, e.value.code
+        err = capsys.readouterr().err
+        assert e.value.code == 130 and err.startswith("interrupted") and err.count("\n") == 1, (e.value.code, err)
     else:
         assert str(e.value.code).startswith(said) and "\n" not in str(e.value.code), e.value.code
 
@@ -617,7 +622,7 @@ def prepare(path, **kw):
     ("zero.csv", b"", "zero.csv: no text column"),
     ("zero.txt.gz", b"", "zero.txt.gz: no documents found"),
     ("garbage.txt.gz", random.Random(1).randbytes(3000), "garbage.txt.gz: cannot read (BadGzipFile"),
-    ("garbage.jsonl", random.Random(2).randbytes(3000), "garbage.jsonl: no documents found (empty corpus); skipped"),
+    ("garbage.jsonl", random.Random(2).randbytes(3000), "garbage.jsonl: does not look like text (0.4% NUL bytes"),
     ("garbage.csv", random.Random(3).randbytes(3000), "garbage.csv: "),
     ("wrong_field.jsonl", b'{"text": "a review"}\n' * 3, "skipped 3 lines, e.g. "),
     # a quoted field over many lines, longer in all than sources.MAX_LINE (a field of 200,000 on one line is read)
@@ -644,10 +649,13 @@ def test_train_on_an_empty_corpus_is_a_clear_error(tmp_path, capsys):
 
 
 def test_binary_and_invalid_utf8_text_is_read_as_bytes_with_replacement(tmp_path):
-    """A plain-text corpus is one document per line; bytes that are not UTF-8 become U+FFFD (as transfer.py
-    reads its texts), a line of binary garbage is a document of such characters: nothing crashes."""
+    """A plain-text corpus is one document per line; a file that does not look like text is refused, naming it;
+    with allow_binary (--allow-binary) bytes that are not UTF-8 become U+FFFD (as transfer.py reads its texts),
+    a line of binary garbage is a document of such characters: nothing crashes."""
     (tmp_path / "bad.txt").write_bytes(b"good \xff\xfe movie\n\x00\x01\x80\x81 binary\r\nplain\n")
-    meta, train_bin, _ = prepare(tmp_path / "bad.txt")
+    with pytest.raises(DataError, match="bad.txt: does not look like text .*; --allow-binary reads it anyway"):
+        prepare(tmp_path / "bad.txt")
+    meta, train_bin, _ = prepare(tmp_path / "bad.txt", allow_binary=True)
     assert "good \ufffd\ufffd movie".encode() in train_bin and b"\x00\x01\xef\xbf\xbd" in train_bin
     assert meta["documents"]["train"] == 3 and meta["skipped"] == 0
 
@@ -759,3 +767,83 @@ def test_transfer_command_line_reports_bad_labels_without_a_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert f"error: {tmp_path / 'bad.csv'}:4: label '2' is not binary" in p.stderr, p.stderr
+
+
+def test_a_source_that_is_not_text_is_refused_and_leaves_nothing_behind(tmp_path):
+    """random bytes and a shared library: one line naming the file, exit 1, no --out folder, no lock files;
+    --allow-binary trains on them anyway."""
+    (tmp_path / "random.bin").write_bytes(random.Random(0).randbytes(50_000))
+    (tmp_path / "lib.so").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(200) + random.Random(1).randbytes(20_000))
+    for name in ("random.bin", "lib.so"):
+        argv = flags(tmp_path, "run", "--iters", "2")
+        argv[1] = str(tmp_path / name)
+        p = subprocess.run([PY, "train.py", *argv], cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert f"error: {tmp_path / name}: does not look like text" in p.stderr, p.stderr
+        assert "--allow-binary reads it anyway" in p.stderr, p.stderr
+        left = [os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path) for f in fs]
+        assert not os.path.exists(tmp_path / "run") and not any(f.endswith(".lock") for f in left), left
+    run(tmp_path, "forced", "--iters", "2", "--data", str(tmp_path / "random.bin"), "--allow-binary")
+    assert last_step(tmp_path / "forced") == 2
+
+
+def test_a_run_refused_after_claiming_its_folder_leaves_no_folder_or_lock(tmp_path):
+    (tmp_path / "tiny.txt").write_text("too short\n")  # too few bytes for the batch: refused after the claim
+    argv = flags(tmp_path, "run", "--iters", "2")
+    argv[1] = str(tmp_path / "tiny.txt")
+    p = subprocess.run([PY, "train.py", *argv, "--val-frac", "0", "--test-frac", "0"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert p.returncode == 1 and "too small" in p.stderr, p.stderr
+    left = [os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path) for f in fs]
+    assert not os.path.exists(tmp_path / "run") and not any(f.endswith(".lock") for f in left), left
+
+
+def test_the_csv_column_read_is_said(tmp_path, capsys):
+    rows = "".join(f'{i},"review {i} of a film, with words",1\n' for i in range(300))
+    (tmp_path / "r.csv").write_text("id,review,stars\n" + rows)
+    run(tmp_path, "csv", "--iters", "2", "--data", str(tmp_path / "r.csv"))
+    out = capsys.readouterr().out
+    assert f"the text of {tmp_path / 'r.csv'}: its column 'review'" in out, out
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["--hidden", "-5"], "--hidden must be positive"), (["--hidden", "big"], "--hidden must be an integer or one of")])
+def test_train_flag_errors_say_what_is_wrong(tmp_path, capsys, argv, said):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert said in capsys.readouterr().err
+
+
+def test_help_shows_defaults_once_and_never_none():
+    for script in ("train.py", "transfer.py", "finetune.py", "classify.py", "tools/generate.py"):
+        text = subprocess.run([PY, script, "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        flat = " ".join(text.split())
+        assert "(default: None)" not in flat and "(default: False)" not in flat, script
+    flat = " ".join(subprocess.run([PY, "transfer.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout.split())
+    assert "texts per featurisation batch (default: 64)" in flat and "--bow-vocab" in flat and "(default: 2000)" in flat
+
+
+def test_make_says_what_it_installs_before_installing(tmp_path):
+    """make demo / make test with a stand-in pip: a line names the requirements before each (quiet) install."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "pip").write_text("#!/bin/sh\necho \"pip $*\"\n")
+    (bin_dir / "python").write_text("#!/bin/sh\necho \"python $*\"\n")
+    for f in ("pip", "python"):
+        os.chmod(bin_dir / f, 0o755)
+    p = subprocess.run(["make", "-B", f"VENV={tmp_path / 'venv'}", "PYTHON=true", "test"], cwd=ROOT,
+                       capture_output=True, text=True)
+    lines = p.stdout.splitlines()
+    said = [k for k, line in enumerate(lines) if line.startswith("make: installing into")]
+    pips = [k for k, line in enumerate(lines) if line.startswith("pip install")]
+    assert p.returncode == 0 and len(said) == 2 and len(pips) == 2, p.stdout + p.stderr
+    assert said[0] < pips[0] < said[1] < pips[1], lines
+    assert "torch==2.13.0 numpy" in lines[said[0]] and "pytest scikit-learn" in lines[said[1]], lines
+
+
+def test_the_bench_tests_run_without_triton():
+    """Without Triton (no wheel off Linux) tests/test_bench.py leaves out the fused rows instead of failing."""
+    script = ("import sys; sys.modules['triton'] = None\nimport pytest\n"
+              "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_bench.py']))")
+    p = subprocess.run([PY, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:]

@@ -149,10 +149,13 @@ def test_results_file_sign_and_heatmaps(tmp_path, capsys):
     hidden = tmp_path / "hidden.json"  # a neuron of the hidden state is not the cell unit generate.py holds
     hidden.write_text(json.dumps({"neuron": 3, "neuron_sign": 1, "feature": "hidden"}))
     fails(["--checkpoint", path, "--results", str(hidden)], "its neuron is a unit of the hidden state", capsys)
-    run(["--checkpoint", path, "--neuron", "3", "--text", "good <b>film</b>", "--heatmap", str(page)], capsys)
     trace = transfer.unit_trace(model, data.normalize("good <b>film</b>"), 3)
-    html = page.read_text()
-    assert ">&lt;</span>" in html and f'title="{trace[-1]:.4g}"' in html and f'title="{trace[4]:.4g}"' in html
+    for sign in (1, -1):  # the colours follow the unit times its sign: green is positive sentiment either way
+        run(["--checkpoint", path, "--neuron", "3", "--sign", str(sign), "--text", "good <b>film</b>", "--heatmap",
+             str(page)], capsys)
+        html = page.read_text()
+        assert ">&lt;</span>" in html and f'title="{sign * trace[-1]:.4g}"' in html, html
+        assert f'title="{sign * trace[4]:.4g}"' in html and f"neuron 3 (sign {sign:+d})" in html
 
 
 def test_bytes_prime_from_the_command_line(tmp_path):
@@ -181,8 +184,9 @@ def test_bytes_prime_from_the_command_line(tmp_path):
     (["--results", "missing.json"], "not a transfer.py results file"),
     (["--neuron", "1", "--value", "inf"], "--value must be a finite number"),
     (["--neuron", "1", "--value", "1e39"], "--value must be a finite number with |value| <= 1e4, not 1e+39"),
-    (["--neuron", "1", "--heatmap", "/nonexistent/dir/h.html"], "--heatmap /nonexistent/dir/h.html: not a file name "
-                                                                "in an existing, writable folder"),
+    (["--neuron", "1", "--sign", "1", "--heatmap", "/nonexistent/dir/h.html"], "--heatmap /nonexistent/dir/h.html: "
+                                                                               "not a file name in an existing"),
+    (["--neuron", "1", "--heatmap", "h.html"], "--heatmap colours positive sentiment green: give the unit's sign"),
     (["--device", "bogus"], "--device bogus: expected cpu, cuda or cuda:N"),
     (["--neuron", "1", "--text", "hi"], "--text goes with --heatmap"),
     (["--neuron", "1", "--value", "2"], "give the unit's sign with --sign 1|-1"),

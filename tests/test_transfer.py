@@ -246,7 +246,7 @@ def test_cli_end_to_end(tmp_path, capsys):
         assert saved[key] == res[key], key
     assert res["baseline_test_acc"] == 1.0, res["baseline"]  # the words separate the classes exactly
     assert 0 <= res["neuron"] < 16 and res["C"] in transfer.GRID
-    assert (tmp_path / "run" / "transfer-files" / "heatmap.html").stat().st_size > 0
+    assert (tmp_path / "run" / "transfer-files-ckpt" / "heatmap.html").stat().st_size > 0
     assert not any(res["featurize"][s]["cached"] for s in ("train", "test"))
     again = transfer.run(transfer.parse_args(argv), log=lambda *a: None)
     assert all(again["featurize"][s]["cached"] for s in ("train", "val", "test"))

@@ -290,7 +290,7 @@ def main(a):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Training throughput and MFU: our mLSTM step vs the plain loop and "
-                                "nn.LSTM.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "nn.LSTM.", formatter_class=cli.Help)
     p.add_argument("--hidden", default="demo", help=f"mLSTM units: an integer or a preset {PRESETS}")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=64)

@@ -9,11 +9,11 @@ makes the review positive or negative on demand. One sign convention, whatever t
     python tools/generate.py --prime "This movie"          # the released model, models/mlstm1024-imdb.pt (the default)
     python tools/generate.py --checkpoint out/demo/ckpt.pt --prime "This movie" --length 300 --temperature 0.8
     python tools/generate.py --checkpoint CKPT --num-samples 4 --top-k 40 --seed 3
-    python tools/generate.py --checkpoint CKPT --results out/demo/transfer-imdb/results.json --value 2    # positive
-    python tools/generate.py --checkpoint CKPT --results out/demo/transfer-imdb/results.json --value -2   # negative
+    python tools/generate.py --checkpoint CKPT --results out/demo/transfer-imdb-ckpt/results.json --value 2    # positive
+    python tools/generate.py --checkpoint CKPT --results out/demo/transfer-imdb-ckpt/results.json --value -2   # negative
     python tools/generate.py --neuron 1016 --sign -1 --value 3 --prime "This movie"   # the released model's best
                                                    # IMDB unit (sign -): held at -3, leaning positive (docs/RESULTS.md)
-    python tools/generate.py --checkpoint CKPT --neuron 2388 --text "Great film, awful ending." --heatmap fire.html
+    python tools/generate.py --checkpoint CKPT --neuron 2388 --sign 1 --text "Great film, awful ending." --heatmap fire.html
 
 The prime is framed like a corpus document (data.normalize without the closing space, so the model
 continues the review; --raw feeds it as is). Any bytes are a valid prime: the model reads bytes. One
@@ -93,7 +93,8 @@ def sample(model, prime, length, temperature=1.0, top_k=0, num_samples=1, seed=0
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample (and steer) reviews from a byte mLSTM (see the docstring).")
+    p = argparse.ArgumentParser(description="Sample (and steer) reviews from a byte mLSTM (see the docstring).",
+                                formatter_class=cli.Help)
     p.add_argument("--checkpoint", default=os.path.relpath(checkpoints.RELEASED),
                    help="train.py checkpoint or released model (.pt); default: the released model, %(default)s")
     p.add_argument("--prime", default="", help="text the review starts with, framed like the corpus "
@@ -106,7 +107,8 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=1, help="samples generated together as a batch")
     p.add_argument("--neuron", type=int, help="unit of the cell state to hold (--value) or show (--heatmap)")
     p.add_argument("--sign", type=int, choices=(1, -1), help="with --neuron: the unit's sign (transfer.py's "
-                   "neuron_sign: +1 if it rises with positive sentiment, -1 if it falls); needed with --value")
+                   "neuron_sign: +1 if it rises with positive sentiment, -1 if it falls); needed with --value and "
+                   "--heatmap")
     p.add_argument("--results", help="transfer.py results.json: take the neuron and its sign from it")
     p.add_argument("--value", type=float, help="hold the neuron at sign x value at every step: positive = positive "
                                                "sentiment, whatever the unit's sign; |value| <= 1e4")
@@ -163,7 +165,9 @@ def parse_args(argv=None):
     if a.value is not None and a.sign is None:
         p.error("--value is in the direction of positive sentiment: give the unit's sign with --sign 1|-1 "
                 "(transfer.py's neuron_sign), or take both from --results results.json")
-    a.sign = a.sign or 1  # a heatmap without a sign shows the unit as it is
+    if a.heatmap and a.sign is None:  # green is positive sentiment: the unit's values times its sign
+        p.error("--heatmap colours positive sentiment green: give the unit's sign with --sign 1|-1 (transfer.py's "
+                "neuron_sign), or take both from --results results.json")
     if a.text is not None and (not a.heatmap or a.value is not None):
         p.error("--text goes with --heatmap only: it shows the neuron over the text and samples nothing")
     cli.check_output_file(p, "--heatmap", a.heatmap)

@@ -113,7 +113,7 @@ def load_model(what):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Gradient values against fp16's range (Puri et al. 2018, loss scaling).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.Help)
     p.add_argument("--grad-histogram", metavar="CKPT_OR_CONFIG", required=True,
                    help="a train.py ckpt.pt, a run's config.json or --out folder, or a preset name (fresh weights)")
     p.add_argument("--data", default="data/reviews.txt.gz", help="corpus, as for train.py")
