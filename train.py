@@ -12,6 +12,7 @@ rules), gradient clipping, mixed precision (fp16.py) and data parallelism (distr
     torchrun --standalone --nproc_per_node=8 train.py --data DIR --batch-size 1024 --lr-rule sqrt ...
     python train.py --out out/demo --resume                   # continue a run exactly where it stopped
     python train.py --out out/demo --export demo.pt           # its weights in fp16 + config: a released model
+    python train.py --data my_reviews.txt --init models/openai-4096.pt --lr 2e-4 --iters 2000   # adapt a model
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts=3 ... train.py ... --resume   # restart on failure
 
 --out DIR receives config.json, metrics.jsonl (one JSON object per log/eval event) and ckpt.pt (the previous
@@ -31,7 +32,8 @@ import distributed
 import fp16
 from mlstm import MLSTM, PRESETS, detach_state, loss_fn, model_config
 from plumbing import cli
-from plumbing.checkpoints import export, load_checkpoint, restore, save_checkpoint, training_checkpoint
+from plumbing.checkpoints import (export, load_checkpoint, load_pretrained, read_checkpoint, restore, save_checkpoint,
+                                  training_checkpoint)
 from plumbing.run_folder import RunLog, claimed, start_run_files
 
 
@@ -73,6 +75,9 @@ def train(cfg, d, log):
     ckpt = load_checkpoint(cfg["out"], cfg, log, d.main) if cfg["resume"] else None
     if ckpt:
         model.load_state_dict(ckpt["model"])
+    elif cfg["init"]:  # a pretrained model adapted to this text (ULMFiT's step 2): its weights, a fresh schedule
+        model.load_state_dict(load_pretrained(cfg["init"])[0].state_dict())
+        log(f"init: the weights of {cfg['init']}, with a fresh optimizer and schedule")
     if d.main:
         start_run_files(cfg, ckpt["step"] if ckpt else 0, log)
     model.to(d.device)
@@ -210,9 +215,13 @@ def parse_args(argv=None):
     p.add_argument("--allow-binary", action="store_true", help="train on a source that does not look like text")
     p.add_argument("--val-frac", type=float, default=0.01, help="documents held out for validation (paper 0.001)")
     p.add_argument("--test-frac", type=float, default=0.01, help="documents held out for test (paper 0.001)")
-    p.add_argument("--hidden", default="demo", help=f"mLSTM units: an integer or a preset {PRESETS}")
-    p.add_argument("--embed", type=int, default=64, help="byte embedding size")
-    p.add_argument("--no-weight-norm", action="store_true", help="turn off weight normalisation")
+    p.add_argument("--hidden", help=f"mLSTM units: an integer or a preset {PRESETS} (default: demo; with --init, "
+                   "the file's)")
+    p.add_argument("--embed", type=int, help="byte embedding size (default: 64; with --init, the file's)")
+    p.add_argument("--no-weight-norm", action="store_true", help="turn off weight normalisation (with --init: as the "
+                   "file has it)")
+    p.add_argument("--init", metavar="MODEL.pt", help="start from this model file's weights (train.py --export, "
+                   "tools/import_weights.py, a checkpoint) with a fresh optimizer and schedule")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (rows), over all processes")
     p.add_argument("--seq-len", type=int, default=64, help="truncated-BPTT window (paper: 256)")
     p.add_argument("--iters", type=int, default=1500, help="training steps (0: use --epochs)")
@@ -249,8 +258,21 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=600, help="seconds a process waits for the others in a "
                    "collective before it ends with an error (a rank that died or hangs)")
     a = p.parse_args(argv)
-    a.hidden = PRESETS.get(a.hidden) or (int(a.hidden) if a.hidden.lstrip("+-").isdigit() else p.error(
-        f"--hidden must be an integer or one of {list(PRESETS)}"))
+    if a.hidden is not None:
+        a.hidden = PRESETS.get(a.hidden) or (int(a.hidden) if a.hidden.lstrip("+-").isdigit() else p.error(
+            f"--hidden must be an integer or one of {list(PRESETS)}"))
+    if a.init:  # the model's shape is the file's: a flag given with another value is a mistake
+        try:
+            init = read_checkpoint(a.init)["config"]
+            given = dict(hidden=init["hidden"], embed=init["embed"], no_weight_norm=init["no_weight_norm"])
+        except Exception as e:  # no such file, not a model file
+            p.error(f"--init {a.init}: not a model file ({type(e).__name__}: {str(e)[:200]})")
+        for k, v in given.items():
+            if getattr(a, k) not in (None, False, v):
+                p.error(f"--{k.replace('_', '-')} {getattr(a, k)} conflicts with --init {a.init}, whose {k} is {v}")
+            setattr(a, k, v)
+    a.hidden = PRESETS["demo"] if a.hidden is None else a.hidden
+    a.embed = 64 if a.embed is None else a.embed
     big = 2**62  # steps, counts and seeds become int64 on the device
     cli.require(p, a, ("hidden", "embed", "batch_size", "seq_len", "log_every", "eval_every", "eval_iters",
                        "save_every"), lambda v: 0 < v < big, "positive (and below 2^62)")

@@ -622,7 +622,7 @@ def prepare(path, **kw):
     ("zero.csv", b"", "zero.csv: no text column"),
     ("zero.txt.gz", b"", "zero.txt.gz: no documents found"),
     ("garbage.txt.gz", random.Random(1).randbytes(3000), "garbage.txt.gz: cannot read (BadGzipFile"),
-    ("garbage.jsonl", random.Random(2).randbytes(3000), "garbage.jsonl: does not look like text (0.4% NUL bytes"),
+    ("garbage.jsonl", random.Random(2).randbytes(3000), "garbage.jsonl: does not look like text (0.6% NUL bytes"),
     ("garbage.csv", random.Random(3).randbytes(3000), "garbage.csv: "),
     ("wrong_field.jsonl", b'{"text": "a review"}\n' * 3, "skipped 3 lines, e.g. "),
     # a quoted field over many lines, longer in all than sources.MAX_LINE (a field of 200,000 on one line is read)
