@@ -28,7 +28,8 @@ import torch
 import data
 from plumbing import cli, labeled, output_model
 from plumbing.sources import DataError, not_text
-from transfer import DEVICES, DTYPES, featurize
+from fp16 import DTYPES
+from transfer import DEVICES, featurize
 
 
 def predict(clf, model, texts, batch_size=64, chunk=256):

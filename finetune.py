@@ -31,32 +31,31 @@ import torch.nn.functional as F
 
 import classify
 import data
+from data import SPLITS
 import distributed
 import fp16
+from fast.loop import FastLoop
 from mlstm import MLSTM, loss_fn, model_config
 from plumbing import cli, labeled, output_model
 from plumbing.checkpoints import RELEASED, load_pretrained
 from plumbing.reports import write_file
-from plumbing.run_folder import claimed, duration
+from plumbing.run_folder import append_metrics, claimed, duration
 from train import lr_at
 from transfer import DEVICES
-
-SPLITS = ("train", "val", "test")
-
 
 class Classifier(nn.Module):
     """The mLSTM with a linear head on its pooled hidden states: logit = head([h_last, mean_t h_t, max_t h_t])."""
 
     def __init__(self, lm):
         super().__init__()
-        self.lm = lm
+        self.lm, self.loop = lm, FastLoop()  # the time loop train.py runs by default: a hand-written backward
         self.head = nn.Linear(3 * lm.hidden, 1)
         nn.init.zeros_(self.head.weight)  # p = 1/2 everywhere at first: the language model is not disturbed
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x, lens, lm=False):
         """x: byte ids [B, T], right-padded; lens [B] >= 1. -> (logits [B], next-byte logits [B, T, 256] or None)."""
-        hs, _, _ = self.lm.rnn(x)  # [B, T, H]: fast/loop.py's training loop while gradients are on
+        hs, _, _ = self.lm.rnn(x, loop=self.loop)  # [B, T, H]
         B, T, _ = hs.shape
         valid = (torch.arange(T, device=x.device) < lens[:, None])[..., None]  # [B, T, 1]
         last = hs[torch.arange(B, device=x.device), lens - 1]  # [B, H]
@@ -182,7 +181,8 @@ def finetune(a, d, log):
             log(f"step {step + 1}/{total} | loss {mean[0]:.4f} | acc {mean[1]:.3f} | lr {float(lr):.2e} | "
                 f"scale {sc['scale']:g} | skipped {sc['skipped']} | {1000 * dt / since['n']:.0f} ms | "
                 f"{mean[2] * d.world / dt / 1e3:.3g}k chars/s | eta {duration(eta)}")
-            record(a, d, {"step": step + 1, "loss": mean[0], "train_acc": mean[1], "lr": float(lr)})
+            if d.main:
+                append_metrics(a.out, {"step": step + 1, "loss": mean[0], "train_acc": mean[1], "lr": float(lr)})
             since = dict(loss=0.0, right=0, n=0, chars=0, t=time.time())
         if (step + 1) % a.eval_every == 0 or step + 1 == total:
             t0 = time.time()
@@ -193,7 +193,8 @@ def finetune(a, d, log):
                 output_model.save(a.classifier, {**clf, "reported": dict(task=a.task or "files", val_acc=val)})
             log(f"step {step + 1}/{total} | val acc {val:.4f}" + (" (best: saved)" if better else
                 f" (best {best:.4f} at step {best_step})") + f" | {time.time() - t0:.0f}s")
-            record(a, d, {"step": step + 1, "val_acc": val})
+            if d.main:
+                append_metrics(a.out, {"step": step + 1, "val_acc": val})
             since["t"] += time.time() - t0  # evaluations stay out of the logged speed
             if bad >= a.patience:
                 log(f"early stop: {bad} evaluations without a better validation accuracy")
@@ -217,12 +218,6 @@ def finetune(a, d, log):
     log(f"finetune: best validation accuracy {best:.4f} (step {best_step}); its test accuracy {test:.4f}; "
         f"-> {a.classifier}, {a.out}/results.json")
     return res
-
-
-def record(a, d, event):
-    if d.main:
-        with open(os.path.join(a.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(event) + "\n")
 
 
 def main(a):

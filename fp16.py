@@ -100,6 +100,17 @@ class MixedPrecision:
                                          torch.where(grow, self.scale * 2, self.scale)))
             self.good_steps.masked_fill_(grow, 0)
 
+    def stuck(self, sd, skipped_before, steps):
+        """Whether the overflow skips mean the run is lost, from state_dict() `sd`, the skipped count `steps`
+        steps ago (at the last log line): bf16 and fp32 skip only on an inf or NaN gradient, with no scale to
+        lower, so any skip is divergence; fp16 with S at its floor of 1 and no good step since (dynamic), or a
+        static S with every one of the `steps` skipped, has nothing left to rescue."""
+        if not sd["skipped"]:
+            return False
+        if not self.scaling:
+            return True
+        return sd["scale"] <= 1.0 and sd["good_steps"] == 0 if self.dynamic else sd["skipped"] - skipped_before == steps
+
     def zero_grad(self):
         for p in self.params + (self.masters if self.masters is not self.params else []):
             p.grad = None

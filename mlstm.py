@@ -16,16 +16,17 @@ follow the reference model: wx wh wmx wmh (weights), b (bias), gx gh gmx gmh (we
 
 Dimension legend: B batch rows, T timesteps, E embedding (64), H hidden units.
 
-`cell` is the equations above and the reference. Training runs the same equations through fast/loop.py
-(a hand-written backward, optionally recomputed, replayed as CUDA graphs, or with Triton kernels), each
-tested equal to `cell` (tests/test_fast_loop.py, tests/test_kernels.py). Used by train.py
-(`python train.py --hidden 4096 ...`), transfer.py and tools/generate.py; not run directly.
+`cell` is the equations above, and `MLSTM.rnn` runs them over the bytes of a window under autograd: the
+reference, and what `python train.py --reference-loop` trains. By default train.py hands the model a faster
+time loop of the same equations (fast/loop.py: a hand-written backward, optionally recomputed, replayed as CUDA
+graphs, or with Triton kernels), each tested equal to this one (tests/test_fast_loop.py, tests/test_kernels.py).
+`sample` writes text with it one byte at a time, optionally holding one unit of the cell state (Radford et al.
+section 5: steering with the sentiment neuron). Used by train.py (`python train.py --hidden 4096 ...`),
+transfer.py and tools/generate.py; not run directly.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from fast import loop
 
 # Sizes from the papers: Radford et al. and Puri et al. train 4096 units; Puri et al. also 8192.
 PRESETS = {"demo": 256, "small": 1024, "paper": 4096, "large": 8192}
@@ -74,10 +75,6 @@ class MLSTM(nn.Module):
     def __init__(self, hidden=256, embed=64, vocab=256, weight_norm=True):
         super().__init__()
         self.hidden, self.embed_dim, self.vocab, self.use_wn = hidden, embed, vocab, weight_norm
-        # How the training loop runs (fast/loop.py), set by train.py's flags; none changes the numbers:
-        # --cuda-graph replays it as CUDA graphs (one pair per input shape, kept in self.graphs),
-        # --triton fuses each step's gate math into Triton kernels, --recompute S checkpoints it in segments.
-        self.cuda_graph, self.graphs, self.triton, self.recompute = False, {}, False, 0
         H, E = hidden, embed
         self.embed = nn.Embedding(vocab, E)
         # Stored [in, out] as in the reference, so that the products read x @ wx.
@@ -105,18 +102,20 @@ class MLSTM(nn.Module):
         z = torch.zeros(batch, self.hidden, device=device or p.device, dtype=dtype or p.dtype)
         return z, z.clone()
 
-    def rnn(self, x, state=None, return_cells=False):
-        """x: byte ids [B, T]. Returns hs [B, T, H], cs [B, T, H] (or None) and the final (h, c)."""
+    def rnn(self, x, state=None, return_cells=False, loop=None):
+        """x: byte ids [B, T]. Returns hs [B, T, H], cs [B, T, H] (or None) and the final (h, c).
+        loop: another implementation of the time loop below (fast/loop.FastLoop, train.py's choice), called as
+        loop(e, wx, b, wmx, wh, wmh, h, c) -> hs [T, B, H], h_T, c_T; not with return_cells."""
         B = x.shape[0]
         wx, wh, wmx, wmh = self.weights()
         h, c = state if state is not None else self.zero_state(B)
         # Time-major [T, B, .], so that each timestep's rows are contiguous: in batch-major [B, T, .] they
         # lie T*4H elements apart, for powers of two in the same cache sets (15% slower GEMMs at T=64, H=256).
         e = self.embed(x.t())  # [T, B, E]
-        if torch.is_grad_enabled() and not return_cells:  # training: fast/loop.py, tested equal to the loop below
-            hs, h, c = loop.training_loop(self, e, wx, self.b, wmx, wh, wmh, h, c)
+        if loop is not None and not return_cells:
+            hs, h, c = loop(e, wx, self.b, wmx, wh, wmh, h, c)
             return hs.transpose(0, 1), None, (h, c)  # hs [B, T, H]
-        # Inference (or return_cells): the loop of `cell`, under autograd when gradients are on.
+        # The reference: the loop of `cell`, under autograd when gradients are on.
         xm, xz = input_products(e, wx, self.b, wmx)  # [T, B, H], [T, B, 4H]
         hs, cs = [], []
         # unbind, not xz[t]: under autograd (return_cells with gradients), a select's backward adds up
@@ -130,12 +129,61 @@ class MLSTM(nn.Module):
         cs = torch.stack(cs, 1) if return_cells else None  # [B, T, H]
         return hs, cs, (h, c)
 
-    def forward(self, x, state=None, return_cells=False):
+    def forward(self, x, state=None, return_cells=False, loop=None):
         """x: byte ids [B, T]. Returns logits [B, T, 256], the final state (h, c), and with
-        return_cells=True also the cell state at every step [B, T, H]."""
-        hs, cs, state = self.rnn(x, state, return_cells)
+        return_cells=True also the cell state at every step [B, T, H]. loop: as in rnn()."""
+        hs, cs, state = self.rnn(x, state, return_cells, loop)
         logits = self.out(hs)  # [B, T, 256]
         return (logits, state, cs) if return_cells else (logits, state)
+
+
+def stepper(model, neuron=None, value=0.0):
+    """step(x [B] byte ids, (h, c)) -> (logits [B, 256], (h, c)): one mLSTM step. The weights are
+    normalised once here, not per step, and the input side is tabulated for all 256 bytes, so that a
+    step is two row lookups and the recurrent products. With `neuron`, c[:, neuron] is held at `value`.
+    Call it under torch.inference_mode(), as sample() does."""
+    wx, wh, wmx, wmh = model.weights()
+    emb = model.embed.weight
+    xm, xz = emb @ wmx, emb @ wx + model.b  # [256, H], [256, 4H]
+
+    def step(x, state):
+        h, c = cell(xm[x], xz[x], *state, wh, wmh)
+        if neuron is not None:
+            c[:, neuron] = value  # after this step's update: the next step reads the held value
+        return model.out(h), (h, c)
+    return step
+
+
+def pick(logits, temperature, top_k, gen):
+    """Next byte ids [B] from logits [B, 256]: argmax at temperature 0, else a draw from the softmax of
+    logits / temperature restricted to the top_k most likely bytes (0: all)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # <= 0: a tiny temperature gives -inf, not inf
+    if top_k:
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
+
+
+@torch.inference_mode()
+def sample(model, prime, length, temperature=1.0, top_k=0, num_samples=1, seed=0, neuron=None, value=0.0,
+           on_bytes=None):
+    """`num_samples` texts (bytes: prime + `length` sampled bytes), generated together as one batch.
+    on_bytes(ids [B]) sees each step's new bytes as they come. The neuron is held during the prime too."""
+    dev = model.wh.device
+    step, gen = stepper(model, neuron, value), torch.Generator(device=dev).manual_seed(seed)
+    state = model.zero_state(num_samples)
+    for b in prime:
+        logits, state = step(torch.full((num_samples,), b, device=dev), state)
+    out = torch.empty(num_samples, length, dtype=torch.int64, device=dev)
+    for t in range(length):
+        out[:, t] = x = pick(logits, temperature, top_k, gen)
+        if on_bytes:
+            on_bytes(x)
+        if t + 1 < length:
+            logits, state = step(x, state)
+    return [prime + bytes(row) for row in out.tolist()]
 
 
 def detach_state(state):

@@ -30,7 +30,8 @@ import torch
 import data
 import distributed
 import fp16
-from mlstm import MLSTM, PRESETS, detach_state, loss_fn, model_config
+from fast.loop import FastLoop
+from mlstm import MLSTM, PRESETS, detach_state, loss_fn, model_config, sample
 from plumbing import cli
 from plumbing.checkpoints import (export, load_checkpoint, load_pretrained, read_checkpoint, restore, save_checkpoint,
                                   training_checkpoint)
@@ -85,7 +86,10 @@ def train(cfg, d, log):
     # Half-precision compute with float32 master weights in the optimizer, and loss scaling for fp16 (fp16.py).
     mp = fp16.MixedPrecision(model, cfg["dtype"], cfg["loss_scale"], cfg["scale_growth"],
                              dynamic=not cfg["static_loss_scale"])
-    model.cuda_graph, model.triton, model.recompute = cfg["cuda_graph"], cfg["triton"], cfg["recompute"]
+    # The time loop, chosen here: with --reference-loop mlstm.py's own loop of `cell` under autograd, the equations
+    # as written; else fast/loop.py's, tested equal to it: a hand-written backward (1.4x faster on a CPU), with
+    # CUDA graphs, Triton kernels or recompute as the flags ask.
+    loop = None if cfg["reference_loop"] else FastLoop(cfg["cuda_graph"], cfg["triton"], cfg["recompute"])
     opt = mp.optimizer(peak)
     reduce = distributed.GradReducer(cfg["bucket_mb"], torch.float32 if cfg["comm_fp32"] else None)
     rows = slice(d.rank * local, (d.rank + 1) * local)
@@ -102,7 +106,7 @@ def train(cfg, d, log):
         x, y = (to_device(a, d.device) for a in loader.batch(step))
         lr = lr_at(step - mp.skipped, peak, cfg["warmup"], total)  # a skipped step does not advance the schedule
         opt.param_groups[0]["lr"].copy_(lr)
-        logits, state = model(x, state)
+        logits, state = model(x, state, loop=loop)
         state = detach_state(state)  # truncated BPTT: the state carries over, its gradient does not
         loss = loss_fn(logits, y)
         mp.backward(loss)  # of loss * S
@@ -126,7 +130,8 @@ def train(cfg, d, log):
     if step_start == total:  # --resume of a finished run: its final evaluation is already in metrics.jsonl
         log(f"--resume: the run in {cfg['out']} was already complete at step {total}: nothing to do")
     elif step == total and cfg["sample_chars"] and d.main:
-        log("sample: " + sample(model, b"\n ", cfg["sample_chars"], seed=cfg["seed"]))
+        text = sample(model, b"\n ", cfg["sample_chars"], temperature=0.8, seed=cfg["seed"])[0]
+        log("sample: " + text.decode("utf-8", errors="replace"))
     distributed.cleanup()
 
 
@@ -175,22 +180,6 @@ def to_device(a, device):
     return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
 
-@torch.no_grad()
-def sample(model, prime, n, temperature=0.8, seed=0):
-    """n bytes sampled after `prime`, one step at a time, as text (invalid UTF-8 replaced)."""
-    device = model.wh.device
-    g = torch.Generator(device=device).manual_seed(seed)
-    x = torch.tensor([list(prime)], device=device)
-    logits, state = model(x)
-    out = []
-    for _ in range(n):
-        probs = torch.softmax(logits[0, -1].float() / temperature, -1)
-        b = torch.multinomial(probs, 1, generator=g)
-        out.append(int(b))
-        logits, state = model(b.view(1, 1), state)
-    return (prime + bytes(out)).decode("utf-8", errors="replace")
-
-
 def main(cfg):
     d = distributed.setup(cfg["device"], cfg["timeout"])
     if cfg["cuda_graph"] and d.device.type != "cuda":
@@ -206,56 +195,64 @@ def main(cfg):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a byte-level mLSTM language model (Puri et al. 2018).",
                                 formatter_class=cli.Help)
-    p.add_argument("--data", default="data/reviews.txt.gz",
+    # The papers' hyperparameters; Radford et al. 2017 / Puri et al. 2018 values in brackets (README's table).
+    h = p.add_argument_group("the model and its optimisation (the papers' hyperparameters)")
+    h.add_argument("--hidden", help=f"mLSTM units: an integer or a preset {PRESETS} [4096 / 4096, 8192] (default: "
+                   "demo; with --init, the file's)")
+    h.add_argument("--embed", type=int, help="byte embedding size [64] (default: 64; with --init, the file's)")
+    h.add_argument("--no-weight-norm", action="store_true", help="turn off weight normalisation [on] (with --init: "
+                   "as the file has it)")
+    h.add_argument("--batch-size", type=int, default=32, help="global batch (rows), over all processes [128 / 32k]")
+    h.add_argument("--seq-len", type=int, default=64, help="truncated-BPTT window [256]")
+    h.add_argument("--lr", type=float, default=2e-3, help="base learning rate, for batch 128 under --lr-rule [5e-4]")
+    h.add_argument("--lr-rule", choices=["none", "linear", "sqrt"], default="none", help="scaling of --lr to the "
+                   "batch [Puri et al. compare the three]")
+    h.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
+    h.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    h.add_argument("--dtype", choices=list(fp16.DTYPES), default="fp32", help="compute precision [fp32 / fp16]")
+    h.add_argument("--loss-scale", type=float, default=2.0**16, help="initial fp16 loss scale")
+    h.add_argument("--static-loss-scale", action="store_true", help="keep --loss-scale fixed [dynamic]")
+    h.add_argument("--scale-growth", type=int, default=1000, help="good steps before the loss scale doubles")
+    h.add_argument("--iters", type=int, default=1500, help="training steps (0: use --epochs)")
+    h.add_argument("--epochs", type=float, default=0, help="epochs; with --iters the smaller wins (0: off) [1 / 3]")
+    h.add_argument("--seed", type=int, default=1, help="seed of the initial weights and the sample")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default="data/reviews.txt.gz",
                    help="a prepared corpus folder (data.py), or a raw source: text, .jsonl[.gz], .csv, aclImdb")
-    p.add_argument("--out", default="out/demo", help="folder for config.json, metrics.jsonl, ckpt.pt")
-    p.add_argument("--cache-dir", default="data/prepared", help="where raw sources are prepared on first use")
-    p.add_argument("--text-field", default="reviewText", help="JSON field / CSV column of the text (a CSV without "
+    d.add_argument("--cache-dir", default="data/prepared", help="where raw sources are prepared on first use")
+    d.add_argument("--text-field", default="reviewText", help="JSON field / CSV column of the text (a CSV without "
                    "it: its text, sentence or review column)")
-    p.add_argument("--allow-binary", action="store_true", help="train on a source that does not look like text")
-    p.add_argument("--val-frac", type=float, default=0.01, help="documents held out for validation (paper 0.001)")
-    p.add_argument("--test-frac", type=float, default=0.01, help="documents held out for test (paper 0.001)")
-    p.add_argument("--hidden", help=f"mLSTM units: an integer or a preset {PRESETS} (default: demo; with --init, "
-                   "the file's)")
-    p.add_argument("--embed", type=int, help="byte embedding size (default: 64; with --init, the file's)")
-    p.add_argument("--no-weight-norm", action="store_true", help="turn off weight normalisation (with --init: as the "
-                   "file has it)")
-    p.add_argument("--init", metavar="MODEL.pt", help="start from this model file's weights (train.py --export, "
+    d.add_argument("--allow-binary", action="store_true", help="train on a source that does not look like text")
+    d.add_argument("--val-frac", type=float, default=0.01, help="documents held out for validation [0.001]")
+    d.add_argument("--test-frac", type=float, default=0.01, help="documents held out for test [0.001]")
+    r = p.add_argument_group("the run")
+    r.add_argument("--out", default="out/demo", help="folder for config.json, metrics.jsonl, ckpt.pt")
+    r.add_argument("--init", metavar="MODEL.pt", help="start from this model file's weights (train.py --export, "
                    "tools/import_weights.py, a checkpoint) with a fresh optimizer and schedule")
-    p.add_argument("--batch-size", type=int, default=32, help="global batch (rows), over all processes")
-    p.add_argument("--seq-len", type=int, default=64, help="truncated-BPTT window (paper: 256)")
-    p.add_argument("--iters", type=int, default=1500, help="training steps (0: use --epochs)")
-    p.add_argument("--epochs", type=float, default=0, help="epochs; with --iters the smaller wins (0: off)")
-    p.add_argument("--stop-at", type=int, default=0, help="end this invocation at this step (schedule unchanged)")
-    p.add_argument("--lr", type=float, default=2e-3, help="base learning rate, for batch 128 under --lr-rule (paper 5e-4)")
-    p.add_argument("--lr-rule", choices=["none", "linear", "sqrt"], default="none", help="scaling of --lr to the batch")
-    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
-    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
-    p.add_argument("--dtype", choices=list(fp16.DTYPES), default="fp32", help="compute precision")
-    p.add_argument("--loss-scale", type=float, default=2.0**16, help="initial fp16 loss scale")
-    p.add_argument("--static-loss-scale", action="store_true", help="keep --loss-scale fixed")
-    p.add_argument("--scale-growth", type=int, default=1000, help="good steps before the loss scale doubles")
-    p.add_argument("--bucket-mb", type=float, default=25.0, help="all-reduce bucket size in MB")
-    p.add_argument("--comm-fp32", action="store_true", help="all-reduce in float32 (default: compute dtype)")
-    p.add_argument("--seed", type=int, default=1, help="seed of the initial weights and the sample")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--cuda-graph", action="store_true", help="replay the recurrent loop's forward and backward as "
+    r.add_argument("--resume", action="store_true", help="continue from --out's checkpoint if there is one")
+    r.add_argument("--stop-at", type=int, default=0, help="end this invocation at this step (schedule unchanged)")
+    r.add_argument("--export", metavar="PATH", help="write --out's checkpoint as a released model (fp16 weights "
+                   "and config, for transfer.py and tools/generate.py) to PATH and exit without training")
+    r.add_argument("--log-every", type=int, default=20, help="steps between log lines")
+    r.add_argument("--eval-every", type=int, default=200, help="steps between validation")
+    r.add_argument("--eval-iters", type=int, default=50, help="validation windows per evaluation")
+    r.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (a multiple of --log-every)")
+    r.add_argument("--sample-chars", type=int, default=300, help="bytes sampled at the end (0: none)")
+    f = p.add_argument_group("devices and speed (none changes the numbers beyond rounding)")
+    f.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    f.add_argument("--reference-loop", action="store_true", help="train through mlstm.py's own time loop of `cell` "
+                   "under autograd (the equations as written) instead of fast/loop.py's hand-written backward")
+    f.add_argument("--cuda-graph", action="store_true", help="replay the recurrent loop's forward and backward as "
                    "CUDA graphs: faster where kernel launches dominate the step (BENCHMARKS.md); CUDA only")
-    p.add_argument("--triton", action="store_true", help="the recurrent loop's gate math as two fused Triton "
+    f.add_argument("--triton", action="store_true", help="the recurrent loop's gate math as two fused Triton "
                    "kernels (fast/kernels.py), one per direction, instead of 6 and 5 torch ops per step; CUDA only")
-    p.add_argument("--recompute", type=int, default=0, metavar="S", help="activation checkpointing in segments of "
+    f.add_argument("--recompute", type=int, default=0, metavar="S", help="activation checkpointing in segments of "
                    "S timesteps (e.g. 32 at --seq-len 256; 0: off): the loop's activations are recomputed in "
                    "backward, for a larger batch in the same memory at one more forward (fast/loop.py); not "
                    "with --cuda-graph")
-    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint if there is one")
-    p.add_argument("--export", metavar="PATH", help="write --out's checkpoint as a released model (fp16 weights "
-                   "and config, for transfer.py and tools/generate.py) to PATH and exit without training")
-    p.add_argument("--log-every", type=int, default=20, help="steps between log lines")
-    p.add_argument("--eval-every", type=int, default=200, help="steps between validation")
-    p.add_argument("--eval-iters", type=int, default=50, help="validation windows per evaluation")
-    p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (a multiple of --log-every)")
-    p.add_argument("--sample-chars", type=int, default=300, help="bytes sampled at the end (0: none)")
-    p.add_argument("--timeout", type=float, default=600, help="seconds a process waits for the others in a "
+    f.add_argument("--bucket-mb", type=float, default=25.0, help="all-reduce bucket size in MB")
+    f.add_argument("--comm-fp32", action="store_true", help="all-reduce in float32 (default: compute dtype)")
+    f.add_argument("--timeout", type=float, default=600, help="seconds a process waits for the others in a "
                    "collective before it ends with an error (a rank that died or hangs)")
     a = p.parse_args(argv)
     if a.hidden is not None:
@@ -294,6 +291,8 @@ def parse_args(argv=None):
     cli.require(p, a, ("timeout",), lambda v: 0 < v < 1e9, "> 0 and below 1e9 seconds")
     if a.recompute and a.cuda_graph:
         p.error("--recompute does not combine with --cuda-graph")
+    if a.reference_loop and (a.cuda_graph or a.triton or a.recompute):
+        p.error("--reference-loop is mlstm.py's plain loop: not with --cuda-graph, --triton or --recompute")
     return vars(a)
 
 

@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 import data
+from data import SPLITS
 from fast.logistic import fit_l1, fit_l2
+from fp16 import DTYPES
 from plumbing import cli, feature_cache, labeled, output_model
 from plumbing.baseline import bag_of_words
 from plumbing.checkpoints import RELEASED, load_pretrained
@@ -52,11 +54,9 @@ FEATURES = {
     "concat": (("c", "last"), ("c", "mean"), ("c", "max")),  # ULMFiT's concatenated pooling, of the cell state
     "hidden-concat": (("h", "last"), ("h", "mean"), ("h", "max")),  # finetune.py's head reads this one
 }
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # --device types: cpu, cuda, and Apple's GPU where there is one (inference only; untested here)
 DEVICES = ("cpu", "cuda") + (("mps",) if torch.backends.mps.is_available() else ())
 GRID = [2.0 ** k for k in range(-8, 3)]  # C = 2^-8 ... 2^2
-SPLITS = ("train", "val", "test")
 
 
 @torch.inference_mode()

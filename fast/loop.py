@@ -1,7 +1,7 @@
 """The training time loop of mlstm.py, made fast: optimisations, each tested equal to `mlstm.cell`'s loop.
 
-mlstm.MLSTM.rnn runs its training steps (gradients on) through `training_loop` here; inference and
-return_cells=True run the plain loop of `mlstm.cell`, which is the reference for all of this:
+train.py hands a FastLoop to the model (model(x, state, loop=FastLoop(...))) unless --reference-loop asks for
+mlstm.py's own loop of `mlstm.cell` under autograd, which is the reference for all of this:
 
 - Recurrence: the loop with a hand-written backward whose weight gradients are one GEMM each over all T*B rows
   (1.4x faster than autograd's loop on a CPU; tests/test_fast_loop.py checks it against `cell` under autograd in
@@ -19,22 +19,30 @@ from functools import partial
 import torch
 from torch.utils.checkpoint import checkpoint
 
-import mlstm  # input_products; mlstm imports this module for its training path (attributes read at call time)
+import mlstm  # input_products
 
 
-def training_loop(model, e, wx, b, wmx, wh, wmh, h, c):
-    """MLSTM.rnn's training path, time-major: e [T, B, E], h c [B, H] -> hs [T, B, H], h_T, c_T, as the model's
-    cuda_graph, recompute and triton flags ask."""
-    args = (e, wx, b, wmx, wh, wmh, h, c)
-    if model.cuda_graph and e.is_cuda:
-        return graphed(model, args)
-    if model.recompute:
-        return recomputed(*args, model.recompute, model.triton)
-    return recurrence(*args, model.triton)
+class FastLoop:
+    """The time loop train.py runs, as its flags ask; none changes the numbers: --cuda-graph replays it as CUDA
+    graphs (one pair per input shape, kept in self.graphs), --triton fuses each step's gate math into Triton
+    kernels, --recompute S checkpoints it in segments of S timesteps; else the hand-written backward alone.
+    Called by MLSTM.rnn as loop(e, wx, b, wmx, wh, wmh, h, c), time-major: e [T, B, E], h c [B, H] ->
+    hs [T, B, H], h_T, c_T."""
+
+    def __init__(self, cuda_graph=False, triton=False, recompute=0):
+        self.cuda_graph, self.triton, self.recompute, self.graphs = cuda_graph, triton, recompute, {}
+
+    def __call__(self, e, wx, b, wmx, wh, wmh, h, c):
+        args = (e, wx, b, wmx, wh, wmh, h, c)
+        if self.cuda_graph and e.is_cuda:
+            return graphed(self, args)
+        if self.recompute:
+            return recomputed(*args, self.recompute, self.triton)
+        return recurrence(*args, self.triton)
 
 
 class Recurrence(torch.autograd.Function):
-    """The time loop of `mlstm.cell` with a hand-written backward: MLSTM.rnn's training path.
+    """The time loop of `mlstm.cell` with a hand-written backward: train.py's default training path.
 
     Autograd's backward of the loop computes each weight gradient as T GEMMs of only B rows, added up one
     by one (on CPU 1.7x the time of one GEMM over all T*B rows, at H = 256, B = 32), plus the overhead of
@@ -167,8 +175,8 @@ def recomputed(e, wx, b, wmx, wh, wmh, h, c, segment, fused=False):
     return torch.cat(hs), h, c  # [T, B, H]
 
 
-def graphed(model, args):
-    """recurrence(*args) replayed from two CUDA graphs (its forward and its backward).
+def graphed(loop, args):
+    """recurrence(*args) replayed from two CUDA graphs (its forward and its backward), kept in loop.graphs.
 
     At H = 1024 the loop's ~17 small kernels per timestep take longer to launch from Python than to
     run; a graph launches them all in one call (3.3x faster steps on an H100 at batch 256). Captured on
@@ -177,12 +185,12 @@ def graphed(model, args):
     Its outputs live in the graph's memory, so each forward's backward must run before the next
     forward, as in train.py's loop; state carried between windows is copied in, so it is safe.
     """
-    key = tuple((a.shape, a.dtype, a.requires_grad) for a in args) + (model.triton,)
-    if key not in model.graphs:
+    key = tuple((a.shape, a.dtype, a.requires_grad) for a in args) + (loop.triton,)
+    if key not in loop.graphs:
         sample = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
         with warnings.catch_warnings():
             # torch warms up on one side stream and captures on another, and warns that the sample
             # inputs' gradient nodes changed streams: it inserts a wait, and the replays are tested equal.
             warnings.filterwarnings("ignore", "The AccumulateGrad node's stream does not match")
-            model.graphs[key] = torch.cuda.make_graphed_callables(partial(recurrence, fused=model.triton), sample)
-    return model.graphs[key](*args)
+            loop.graphs[key] = torch.cuda.make_graphed_callables(partial(recurrence, fused=loop.triton), sample)
+    return loop.graphs[key](*args)

@@ -22,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASED = os.path.join(ROOT, "models", "mlstm1024-imdb.pt")
 # Flags that steer one invocation but not the computation: they may change on --resume (a run folder may move).
 RUN_FLAGS = {"resume", "export", "stop_at", "log_every", "eval_every", "eval_iters", "save_every", "sample_chars",
-             "device", "timeout", "out", "cache_dir", "cuda_graph", "triton", "recompute", "allow_binary", "init"}
+             "device", "timeout", "out", "cache_dir", "cuda_graph", "triton", "recompute", "allow_binary", "init",
+             "reference_loop"}
 
 
 def read_checkpoint(path, device="cpu"):

@@ -82,6 +82,12 @@ def start_run_files(cfg, start, log):
         raise SystemExit(f"error: cannot write to --out {out} ({type(e).__name__}: {e})")
 
 
+def append_metrics(out, event):
+    """One event as one JSON line of OUT/metrics.jsonl (train.py's run log, finetune.py's)."""
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(event) + "\n")
+
+
 def duration(seconds):
     h, m, s = int(seconds // 3600), int(seconds % 3600 // 60), int(seconds % 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
@@ -106,11 +112,8 @@ class RunLog:
         """The log line and its metrics.jsonl event for the steps since the last one; SystemExit on divergence."""
         cfg, sc = self.cfg, self.mp.state_dict()  # the loss scale and counts, read back from the device here only
         mean = distributed.all_reduce_mean(self.loss_sum / self.n).item()
-        # fp16: the scaler halves S on overflow; S at its floor of 1 (dynamic), or a static S with every step
-        # since the last log skipped, has nothing left to rescue: that is divergence too.
-        stuck = (sc["scale"] <= 1.0 and sc["good_steps"] == 0 if self.mp.dynamic
-                 else sc["skipped"] - self.skipped_before == self.n)
-        if not mean < DIVERGED_LOSS or (sc["skipped"] and (cfg["dtype"] != "fp16" or stuck)):
+        # a loss gone absurd, or overflow skips that loss scaling cannot rescue (fp16.MixedPrecision.stuck)
+        if not mean < DIVERGED_LOSS or self.mp.stuck(sc, self.skipped_before, self.n):
             raise SystemExit(f"error: training diverged at step {step} (loss {mean}, {sc['skipped']} skipped "
                              f"steps, loss scale {sc['scale']:g}); {self.last_good()}. Lower --lr or raise --warmup.")
         dt = time.time() - self.t0
@@ -149,8 +152,7 @@ class RunLog:
     def record(self, event):
         if self.d.main:
             try:
-                with open(os.path.join(self.cfg["out"], "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(event) + "\n")
+                append_metrics(self.cfg["out"], event)
             except OSError as e:  # a full disk
                 raise SystemExit(f"error: cannot write {self.cfg['out']}/metrics.jsonl ({type(e).__name__}: {e}); "
                                  f"{self.last_good()}")

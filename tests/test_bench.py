@@ -120,8 +120,10 @@ def test_flop_formula_equals_direct_counts():
         if kind == "lstm" or not (HAS_TRITON or "triton" not in kind):  # on CPU nn.LSTM runs oneDNN's fused RNN
             continue  # kernel, opaque to FlopCounterMode; the fused rows need Triton (or its interpreter)
         x, y = torch.randint(0, 256, (2, B, T))
+        loop = bench.loop_of(kind, 0)  # train.py's loop for the row (segments: the formula counts one forward)
         with FlopCounterMode(display=False) as counter:
-            logits, _ = model(x, (torch.zeros(B, H), torch.zeros(B, H)))
+            state = (torch.zeros(B, H), torch.zeros(B, H))
+            logits, _ = model(x, state, loop=loop) if loop else model(x, state)
             loss_fn(logits, y).backward()
         # Exact, but for one product: with the carried state detached (as in training) autograd skips the
         # gradient of h_0 in h_0 @ W_mh, 2*B*H*H FLOPs the formula counts. Elementwise gate math, weight norm,

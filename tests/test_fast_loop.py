@@ -48,7 +48,7 @@ def test_recurrence_equals_autograd_loop_float64():
 
 
 def test_model_gradients_equal_autograd_loop_float64():
-    """MLSTM.forward takes Recurrence when gradients are on; return_cells=True takes the autograd loop."""
+    """MLSTM.forward with train.py's FastLoop (Recurrence) against the model's own autograd loop of `cell`."""
     for use_wn in (True, False):
         for with_state in (True, False):
             torch.manual_seed(5)
@@ -63,9 +63,9 @@ def test_model_gradients_equal_autograd_loop_float64():
             wl, wh, wc = (torch.randn(*s, dtype=torch.float64) for s in ((4, 13, 256), (4, 10), (4, 10)))
             inputs = list(model.parameters()) + ([h0, c0] if with_state else [])
             results = []
-            for return_cells in (False, True):
-                logits, (h, c), *_ = model(x, (h0, c0) if with_state else None, return_cells=return_cells)
-                if not return_cells:  # really the Function, and a final state that is not a view of its buffers
+            for fast in (loop.FastLoop(), None):
+                logits, (h, c) = model(x, (h0, c0) if with_state else None, loop=fast)
+                if fast:  # really the Function, and a final state that is not a view of its buffers
                     assert type(h.grad_fn).__name__ == "RecurrenceBackward" and h._base is None and c._base is None
                 loss = (logits * wl).sum() + (h * wh).sum() + (c * wc).sum()
                 results.append([logits.detach(), h.detach(), c.detach()] + list(torch.autograd.grad(loss, inputs)))
@@ -97,20 +97,20 @@ def test_recurrence_low_precision_agrees_with_float64():
 def test_recurrence_refuses_double_backward():
     """An error, not silently missing second-order terms (as with @once_differentiable under weight norm)."""
     model = MLSTM(hidden=4, embed=4).double()
-    logits, _ = model(torch.randint(0, 256, (2, 3)))
+    logits, _ = model(torch.randint(0, 256, (2, 3)), loop=loop.FastLoop())
     with pytest.raises(RuntimeError, match="no double backward"):
         torch.autograd.grad((logits**2).sum(), model.wh, create_graph=True)
 
 
-def model_grads(model, x, state, wl, wh, wc):
+def model_grads(model, x, state, wl, wh, wc, fast):
     """Logits, final state and the gradients of every parameter and of the initial state, for weighted sums."""
-    logits, (h, c) = model(x, state)
+    logits, (h, c) = model(x, state, loop=fast)
     loss = (logits * wl).sum() + (h * wh).sum() + (c * wc).sum()
     return [logits, h, c] + list(torch.autograd.grad(loss, list(model.parameters()) + list(state)))
 
 
 def test_recompute_equals_the_saved_activations_float64(monkeypatch):
-    """MLSTM.recompute = S (train.py --recompute) against the same model keeping its activations, for
+    """FastLoop(recompute=S) (train.py --recompute) against the same model keeping its activations, for
     segments that divide T, that do not (the last one shorter) and that exceed it."""
     runs = []  # the timesteps of each call of the loop: every segment's forward, then again in backward
     real = loop.recurrence
@@ -120,12 +120,11 @@ def test_recompute_equals_the_saved_activations_float64(monkeypatch):
     x = torch.randint(0, 256, (4, 13))
     state = tuple(torch.randn(4, 10, dtype=torch.float64, requires_grad=True) for _ in "hc")
     weights = [torch.randn(*s, dtype=torch.float64) for s in ((4, 13, 256), (4, 10), (4, 10))]
-    ref = model_grads(model, x, state, *weights)
+    ref = model_grads(model, x, state, *weights, loop.FastLoop())
     names = ["logits", "h_T", "c_T"] + [n for n, _ in model.named_parameters()] + ["h0", "c0"]
     for segment in (1, 4, 13, 20):
-        model.recompute = segment
         runs.clear()
-        out = model_grads(model, x, state, *weights)
+        out = model_grads(model, x, state, *weights, loop.FastLoop(recompute=segment))
         lengths = [min(segment, 13 - t) for t in range(0, 13, segment)]
         assert runs == lengths + lengths[::-1], f"segments of {segment}: loop calls of {runs} timesteps"
         for name, a, r in zip(names, out, ref):
@@ -165,14 +164,13 @@ def test_recompute_lowers_the_peak_memory_of_a_step():
     torch.manual_seed(7)
     model = MLSTM(hidden=256).cuda().half()
     x, y = torch.randint(0, 256, (2, 64, 128), device="cuda")
-    loss_fn(model(x)[0], y).backward()  # the parameters' gradients exist before either measurement
+    loss_fn(model(x, loop=loop.FastLoop())[0], y).backward()  # the parameters' gradients exist before either
     peaks = {}
     for segment in (0, 16):
-        model.recompute = segment
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        loss_fn(model(x)[0], y).backward()
+        loss_fn(model(x, loop=loop.FastLoop(recompute=segment))[0], y).backward()
         peaks[segment] = torch.cuda.max_memory_allocated() - base
     assert peaks[16] < 0.6 * peaks[0], f"peak activation bytes: {peaks[16]} with recompute, {peaks[0]} without"
 
@@ -188,13 +186,13 @@ def test_cuda_graph_replays_equal_the_eager_step(dtype, triton):
     eager = MLSTM(hidden=64, embed=16).cuda().to(dtype)
     graphed = MLSTM(hidden=64, embed=16).cuda().to(dtype)
     graphed.load_state_dict(eager.state_dict())
-    graphed.cuda_graph, graphed.triton = True, triton
+    loops = [loop.FastLoop(), loop.FastLoop(cuda_graph=True, triton=triton)]
     states = [eager.zero_state(8), graphed.zero_state(8)]
     for step in range(3):
         x, y = torch.randint(0, 256, (2, 8, 12), device="cuda")
         results = []
         for k, model in enumerate((eager, graphed)):
-            logits, state = model(x, states[k])
+            logits, state = model(x, states[k], loop=loops[k])
             states[k] = detach_state(state)
             loss = loss_fn(logits, y)
             loss.backward()
@@ -208,4 +206,4 @@ def test_cuda_graph_replays_equal_the_eager_step(dtype, triton):
             err = ((a.float() - r.float()).abs().max() / r.float().abs().max().clamp(min=1e-12)).item()
             tol = 1e-5 if dtype == torch.float32 else 5e-3  # fp16: cuBLAS may pick other kernels; Triton rounds once
             assert err < tol, f"step {step}, {name} in {dtype}: max |diff| / max |eager| = {err:.2e}"
-    assert len(graphed.graphs) == 1  # one capture, replayed for every later window
+    assert len(loops[1].graphs) == 1  # one capture, replayed for every later window

@@ -61,7 +61,7 @@ def test_step_logits_equal_forward(tmp_path, weight_norm):
     _, model = tiny(tmp_path, weight_norm=weight_norm)
     x = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        step, state, got = generate.stepper(model), model.zero_state(3), []
+        step, state, got = mlstm.stepper(model), model.zero_state(3), []
         for t in range(x.shape[1]):
             logits, state = step(x[:, t], state)
             got.append(logits)
@@ -97,7 +97,7 @@ def test_neuron_is_held_at_every_step(tmp_path, unit):
     _, model = tiny(tmp_path)
     x = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        step, state, free = generate.stepper(model, neuron=unit, value=3.0), model.zero_state(2), model(x)[0]
+        step, state, free = mlstm.stepper(model, neuron=unit, value=3.0), model.zero_state(2), model(x)[0]
         ref = model.zero_state(2)
         for t in range(x.shape[1]):
             logits, state = step(x[:, t], state)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from fast.loop import Recurrence
+from fast.loop import FastLoop, Recurrence
 from mlstm import MLSTM, detach_state, loss_fn
 from test_fast_loop import NAMES, outputs_and_grads, recurrence_inputs
 
@@ -70,20 +70,20 @@ def test_fused_recurrence_low_precision_agrees_with_float64():
 
 @pytest.mark.parametrize("recompute", [0, 4])
 def test_model_with_triton_equals_plain_over_carried_windows(recompute):
-    """MLSTM.triton = True (train.py --triton) against the plain model: two training windows with the
+    """FastLoop(triton=True) (train.py --triton) against the plain one: two training windows with the
     state carried, gradients from the loss through the [B, T, H] -> time-major transpose (strided dL/dhs);
     also with --recompute 4 (segments of 4, 4 and 1 timesteps, re-run in backward)."""
     torch.manual_seed(6)
     plain = MLSTM(hidden=48, embed=8).to(DEVICE)
     ours = MLSTM(hidden=48, embed=8).to(DEVICE)
     ours.load_state_dict(plain.state_dict())
-    ours.triton, ours.recompute = True, recompute
+    loops = [FastLoop(), FastLoop(triton=True, recompute=recompute)]
     states = [plain.zero_state(4), ours.zero_state(4)]
     for window in range(2):
         x, y = torch.randint(0, 256, (2, 4, 9), device=DEVICE)
         results = []
         for k, model in enumerate((plain, ours)):
-            logits, state = model(x, states[k])
+            logits, state = model(x, states[k], loop=loops[k])
             states[k] = detach_state(state)
             loss = loss_fn(logits, y)
             grads = torch.autograd.grad(loss, list(model.parameters()))
@@ -136,9 +136,8 @@ def test_kernels_compile_for_the_h100_with_each_tensor_read_and_written_once_in_
 def test_a_second_backward_through_the_fused_path_is_an_error_not_wrong_gradients():
     """The fused backward writes dz over the saved gates (memory): retain_graph's second pass must refuse."""
     model = MLSTM(hidden=16, embed=8).to(DEVICE)
-    model.triton = True
     x = torch.randint(0, 256, (4, 5), device=DEVICE)
-    loss = loss_fn(model(x)[0], x)
+    loss = loss_fn(model(x, loop=FastLoop(triton=True))[0], x)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()

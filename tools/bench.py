@@ -48,6 +48,7 @@ import torch.nn as nn
 
 import distributed
 import fp16
+from fast.loop import FastLoop
 from mlstm import MLSTM, PRESETS, detach_state, loss_fn
 from plumbing import cli
 
@@ -146,20 +147,20 @@ def plain_like_ours(hidden):
     return PlainMLSTM(hidden).load_mlstm(ours)
 
 
-def fast(hidden, cuda_graph, triton):
-    model = MLSTM(hidden)
-    model.cuda_graph, model.triton = cuda_graph, triton
-    return model
+MODELS = {"ours": MLSTM, "graph": MLSTM, "triton": MLSTM, "graph-triton": MLSTM, "recompute": MLSTM,
+          "plain": plain_like_ours, "lstm": LSTMLM}  # by hidden size
 
 
-MODELS = {"ours": MLSTM, "graph": lambda h: fast(h, True, False), "triton": lambda h: fast(h, False, True),
-          "graph-triton": lambda h: fast(h, True, True), "recompute": MLSTM, "plain": plain_like_ours,
-          "lstm": LSTMLM}  # by hidden size; measure() sets the recompute row's segment
+def loop_of(kind, segment):
+    """The time loop train.py would run for the row `kind` (fast/loop.FastLoop), None for the other models."""
+    flags = {"ours": {}, "graph": dict(cuda_graph=True), "triton": dict(triton=True),
+             "graph-triton": dict(cuda_graph=True, triton=True), "recompute": dict(recompute=segment)}
+    return FastLoop(**flags[kind]) if kind in flags else None
 
 
-def train_step(model, mp, opt, x, y, state):
+def train_step(model, mp, opt, x, y, state, loop=None):
     """train.py's step (its single-process all-reduce is a no-op): returns the next window's state."""
-    logits, state = model(x, state)
+    logits, state = model(x, state, loop=loop) if loop else model(x, state)
     state = detach_state(state)
     mp.backward(loss_fn(logits, y))
     mp.step(opt, clip=1.0)
@@ -204,9 +205,7 @@ def measure(kind, hidden, batch, seq_len, dtype="fp32", device="cpu", steps=10, 
     rss0 = max_rss_mib()
     try:
         torch.manual_seed(seed)
-        model = MODELS[kind](hidden).to(device)
-        if kind == "recompute":
-            model.recompute = segment
+        model, loop = MODELS[kind](hidden).to(device), loop_of(kind, segment)
         mp = fp16.MixedPrecision(model, dtype)
         if kind == "lstm":  # the dtype conversion left cuDNN's weights in pieces: one buffer again, not a copy per call
             model.lstm.flatten_parameters()  # (torch skips this for bf16, then warns and compacts in every call)
@@ -220,7 +219,7 @@ def measure(kind, hidden, batch, seq_len, dtype="fp32", device="cpu", steps=10, 
                 skipped0 = int(mp.skipped)
             sync()
             t0 = time.perf_counter()
-            state = train_step(model, mp, opt, x, y, state)
+            state = train_step(model, mp, opt, x, y, state, loop)
             sync()
             if k >= warmup:
                 times.append(time.perf_counter() - t0)

@@ -31,65 +31,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 
 import data
-import mlstm
+from mlstm import sample
 from plumbing import cli, checkpoints
 from plumbing.reports import heatmap_html
-from transfer import DEVICES, DTYPES, unit_trace
+from fp16 import DTYPES
+from transfer import DEVICES, unit_trace
 
 
 def frame(prime):
     """data.normalize's framing of a byte string, minus the closing space that would end the document."""
     text = prime.decode("utf-8", "surrogateescape")  # invalid bytes survive the round trip unchanged
     return data.normalize(text, errors="surrogateescape")[:-1]
-
-
-def stepper(model, neuron=None, value=0.0):
-    """step(x [B] byte ids, (h, c)) -> (logits [B, 256], (h, c)): one mLSTM step. The weights are
-    normalised once here, not per step, and the input side is tabulated for all 256 bytes, so that a
-    step is two row lookups and the recurrent products. With `neuron`, c[:, neuron] is held at `value`.
-    Call it under torch.inference_mode(), as sample() does."""
-    wx, wh, wmx, wmh = model.weights()
-    emb = model.embed.weight
-    xm, xz = emb @ wmx, emb @ wx + model.b  # [256, H], [256, 4H]
-
-    def step(x, state):
-        h, c = mlstm.cell(xm[x], xz[x], *state, wh, wmh)
-        if neuron is not None:
-            c[:, neuron] = value  # after this step's update: the next step reads the held value
-        return model.out(h), (h, c)
-    return step
-
-
-def pick(logits, temperature, top_k, gen):
-    """Next byte ids [B] from logits [B, 256]: argmax at temperature 0, else a draw from the softmax of
-    logits / temperature restricted to the top_k most likely bytes (0: all)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float()
-    logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # <= 0: a tiny temperature gives -inf, not inf
-    if top_k:
-        logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
-    return torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
-
-
-@torch.inference_mode()
-def sample(model, prime, length, temperature=1.0, top_k=0, num_samples=1, seed=0, neuron=None, value=0.0,
-           on_bytes=None):
-    """`num_samples` texts (bytes: prime + `length` sampled bytes), generated together as one batch.
-    on_bytes(ids [B]) sees each step's new bytes as they come. The neuron is held during the prime too."""
-    dev = model.wh.device
-    step, gen = stepper(model, neuron, value), torch.Generator(device=dev).manual_seed(seed)
-    state = model.zero_state(num_samples)
-    for b in prime:
-        logits, state = step(torch.full((num_samples,), b, device=dev), state)
-    out = torch.empty(num_samples, length, dtype=torch.int64, device=dev)
-    for t in range(length):
-        out[:, t] = x = pick(logits, temperature, top_k, gen)
-        if on_bytes:
-            on_bytes(x)
-        if t + 1 < length:
-            logits, state = step(x, state)
-    return [prime + bytes(row) for row in out.tolist()]
 
 
 def parse_args(argv=None):
@@ -186,7 +138,7 @@ def main(argv=None):
     if a.neuron is not None and not 0 <= a.neuron < model.hidden:
         raise SystemExit(f"error: --neuron {a.neuron} is out of range: the model has {model.hidden} units")
     dtype = a.dtype or (config.get("dtype", "fp32") if a.device.startswith("cuda") else "fp32")
-    model = model.to(dtype=DTYPES[dtype]).eval()  # train.py's dtypes are transfer.py's
+    model = model.to(dtype=DTYPES[dtype]).eval()
     value = None if a.value is None else a.sign * a.value  # --value is in the neuron's positive direction
     if value is not None:
         print(f"holding cell unit {a.neuron} at {value:g} at every step (--value {a.value:g}: "
