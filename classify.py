@@ -32,14 +32,14 @@ from fp16 import DTYPES
 from transfer import DEVICES, featurize
 
 
-def predict(clf, model, texts, batch_size=64, chunk=256):
+def predict(clf, model, texts, batch_size=None):
     """Output model `clf` on `texts` (str), read by its language model `model`: (logits [N], positive iff > 0;
     the neuron's value times its sign [N] or None; the bytes read). Texts are framed as the corpus was (data.normalize) and, for
     a model fine-tuned on texts cut to their last max_bytes bytes, cut the same way."""
     byte_strings = [data.normalize(t) for t in texts]
     if clf.get("max_bytes"):
         byte_strings = [b[-clf["max_bytes"]:] for b in byte_strings]
-    X = featurize(model, byte_strings, clf["feature"], batch_size, chunk)
+    X = featurize(model, byte_strings, clf["feature"], batch_size or clf.get("batch_size") or 64)
     return (*output_model.decide(clf, X), sum(map(len, byte_strings)))
 
 
@@ -94,7 +94,7 @@ def main(a):
     ok = False
     try:
         for block in blocks(a):
-            logits, neuron, size = predict(clf, model, [t for _, t, _ in block], a.batch_size, a.chunk)
+            logits, neuron, size = predict(clf, model, [t for _, t, _ in block], a.batch_size)
             for k, (row, text, label) in enumerate(block):
                 predicted = int(logits[k] > 0)
                 write(dict(row=row, label=predicted, probability=round(float(1 / (1 + np.exp(-logits[k]))), 6),
@@ -128,8 +128,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="a probe's language model, where it is not where it was (same sha256)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: the precision the classifier was fitted in")
-    p.add_argument("--batch-size", type=int, default=64, help="texts per featurisation batch")
-    p.add_argument("--chunk", type=int, default=256, help="bytes per window of long texts (state carried)")
+    p.add_argument("--batch-size", type=int, help="texts read at once (default: the classifier's, as it was fitted)")
     p.add_argument("--block", type=int, default=4096, help="texts read, classified and written at a time")
     p.add_argument("--allow-binary", action="store_true", help="read an --input that does not look like text")
     a = p.parse_args(argv)
@@ -137,7 +136,7 @@ def parse_args(argv=None):
         p.error("give texts on the command line or --input FILE (one of them)")
     if a.label_column and not a.input:
         p.error("--label-column goes with --input")
-    cli.require(p, a, ("batch_size", "chunk", "block"), lambda v: v >= 1, ">= 1")
+    cli.require(p, a, ("batch_size", "block"), lambda v: v >= 1, ">= 1")
     if why := cli.device_problem(a.device, DEVICES):
         p.error(why)
     if a.input and not os.path.isfile(a.input):
@@ -157,5 +156,5 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     args = parse_args()
-    cli.main_guard(lambda: main(args), oom="lower --batch-size, --chunk or --block",
+    cli.main_guard(lambda: main(args), oom="lower --batch-size or --block",
                    interrupted="interrupted: " + (f"{args.out} not written" if args.out else "the rows above were written"))

@@ -41,7 +41,10 @@ from plumbing.checkpoints import RELEASED, load_pretrained
 from plumbing.reports import write_file
 from plumbing.run_folder import append_metrics, claimed, duration
 from train import lr_at
-from transfer import DEVICES
+from transfer import DEVICES, FEATURES, features, padded
+
+HEAD_FEATURE = "hidden-concat"  # transfer.FEATURES: the last, mean and max of the hidden state
+
 
 class Classifier(nn.Module):
     """The mLSTM with a linear head on its pooled hidden states: logit = head([h_last, mean_t h_t, max_t h_t])."""
@@ -49,19 +52,15 @@ class Classifier(nn.Module):
     def __init__(self, lm):
         super().__init__()
         self.lm, self.loop = lm, FastLoop()  # the time loop train.py runs by default: a hand-written backward
-        self.head = nn.Linear(3 * lm.hidden, 1)
+        self.head = nn.Linear(len(FEATURES[HEAD_FEATURE]) * lm.hidden, 1)
         nn.init.zeros_(self.head.weight)  # p = 1/2 everywhere at first: the language model is not disturbed
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x, lens, lm=False):
         """x: byte ids [B, T], right-padded; lens [B] >= 1. -> (logits [B], next-byte logits [B, T, 256] or None)."""
         hs, _, _ = self.lm.rnn(x, loop=self.loop)  # [B, T, H]
-        B, T, _ = hs.shape
-        valid = (torch.arange(T, device=x.device) < lens[:, None])[..., None]  # [B, T, 1]
-        last = hs[torch.arange(B, device=x.device), lens - 1]  # [B, H]
-        mean = (hs * valid).sum(1) / lens[:, None].to(hs.dtype)  # [B, H]
-        top = hs.masked_fill(~valid, -torch.inf).amax(1)  # [B, H]
-        logits = self.head(torch.cat([last, mean, top], 1)).squeeze(1)  # [B]
+        # the feature the output model names, so classify.py computes the same (transfer.features)
+        logits = self.head(features({"h": hs}, lens, HEAD_FEATURE)).squeeze(1)  # [B]
         return logits, self.lm.out(hs) if lm else None
 
 
@@ -79,15 +78,6 @@ def epoch_batches(lengths, batch_size, seed, epoch):
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def padded(byte_strings, device):
-    """x [B, longest] right-padded byte ids and lens [B], on `device`."""
-    lens = np.array([len(b) for b in byte_strings])
-    x = np.zeros((len(byte_strings), lens.max()), dtype=np.int64)
-    for r, b in enumerate(byte_strings):
-        x[r, : len(b)] = np.frombuffer(b, dtype=np.uint8)
-    return torch.from_numpy(x).to(device), torch.from_numpy(lens).to(device)
-
-
 def lm_loss(logits, x, lens):
     """The auxiliary next-byte loss within each text: position t predicts byte t + 1, where both are the text's."""
     keep = torch.arange(x.shape[1] - 1, device=x.device) < (lens[:, None] - 1)  # [B, T-1]
@@ -99,7 +89,8 @@ def as_output_model(clf_model, config, a, reported):
     transfer.py's `hidden-concat` features (standardisation 0 and 1)."""
     w, b = clf_model.head.weight.detach().double().cpu()[0], float(clf_model.head.bias.detach().float())
     D = w.numel()
-    return dict(kind="finetuned", feature="hidden-concat", dtype="fp32", mean=torch.zeros(D), std=torch.ones(D),
+    return dict(kind="finetuned", feature=HEAD_FEATURE, dtype="fp32", batch_size=a.eval_batch_size,
+                mean=torch.zeros(D), std=torch.ones(D),
                 w=w, b=b, C=None, penalty=None, neuron=None, max_bytes=a.max_bytes,
                 checkpoint=dict(path=os.path.abspath(a.checkpoint), sha256=output_model.sha256(a.checkpoint),
                                 hidden=clf_model.lm.hidden),
@@ -107,11 +98,11 @@ def as_output_model(clf_model, config, a, reported):
                 config=config, reported=reported)
 
 
-def accuracy(clf, texts, labels, d, batch_size, chunk):
+def accuracy(clf, texts, labels, d, batch_size):
     """The output model's accuracy on texts, as classify.py computes it, each process reading its share."""
     model = output_model.language_model(clf, "(fine-tuning)", device=d.device).eval()
     mine = slice(d.rank, None, d.world)
-    logits, _, _ = classify.predict(clf, model, texts[mine], batch_size, chunk)
+    logits, _, _ = classify.predict(clf, model, texts[mine], batch_size)
     counts = torch.tensor([float(((logits > 0) == (labels[mine] == 1)).sum()), float(len(logits))], device=d.device)
     right, n = distributed.all_reduce_mean(counts).tolist()
     return right / n
@@ -148,7 +139,7 @@ def finetune(a, d, log):
     def evaluate(split):
         fp32.load_state_dict(masters())
         clf = as_output_model(fp32, config, a, {})
-        return accuracy(clf, np.array(texts[split], dtype=object), y[split], d, a.eval_batch_size, a.chunk), clf
+        return accuracy(clf, np.array(texts[split], dtype=object), y[split], d, a.eval_batch_size), clf
 
     best, best_step, bad, since = -1.0, 0, 0, dict(loss=0.0, right=0, n=0, chars=0, t=time.time())
     t_start = time.time()
@@ -204,9 +195,9 @@ def finetune(a, d, log):
     distributed.barrier()
     if not d.main:
         clf = output_model.load(a.classifier)
-    test = accuracy(clf, np.array(texts["test"], dtype=object), y["test"], d, a.eval_batch_size, a.chunk)
+    test = accuracy(clf, np.array(texts["test"], dtype=object), y["test"], d, a.eval_batch_size)
     res = dict(task=a.task or "files", checkpoint=os.path.abspath(a.checkpoint), hidden=lm.hidden,
-               feature="hidden-concat", test_acc=test, val_acc=best, best_step=best_step, steps=step + 1,
+               feature=HEAD_FEATURE, test_acc=test, val_acc=best, best_step=best_step, steps=step + 1,
                epochs=(step + 1) / spe, lr=a.lr, head_lr_mult=a.head_lr_mult, lm_weight=a.lm_weight,
                dtype=a.dtype, batch_size=a.batch_size,
                max_bytes=a.max_bytes, processes=d.world, seconds=round(time.time() - t_start, 1),
@@ -249,9 +240,8 @@ def parse_args(argv=None):
                    "CPU has bf16 matrix units; fp16 on GPUs)")
     p.add_argument("--eval-every", type=int, default=100, help="steps between validation accuracies")
     p.add_argument("--patience", type=int, default=3, help="evaluations without a better one before stopping")
-    p.add_argument("--eval-batch-size", type=int, default=64, help="texts per featurisation batch when evaluating "
-                   "(classify.py's default: the same numbers)")
-    p.add_argument("--chunk", type=int, default=256, help="bytes per window of long texts when evaluating")
+    p.add_argument("--eval-batch-size", type=int, default=128, help="texts read at once when evaluating, in float32 "
+                   "(recorded in the output model: classify.py reads with the same and gets the same numbers)")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--seed", type=int, default=0, help="seed of the head, the batches, the carved validation")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -259,7 +249,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output folder (default: CHECKPOINT_DIR/finetune-TASK)")
     a = p.parse_args(argv)
     labeled.check_task_arguments(p, a)
-    cli.require(p, a, ("max_bytes", "batch_size", "eval_every", "patience", "eval_batch_size", "chunk",
+    cli.require(p, a, ("max_bytes", "batch_size", "eval_every", "patience", "eval_batch_size",
                        "log_every"), lambda v: 1 <= v < 2**62, ">= 1")
     cli.require(p, a, ("warmup", "seed"), lambda v: 0 <= v < 2**62, ">= 0")
     cli.require(p, a, ("epochs", "lr", "head_lr_mult"), lambda v: 0 < v < math.inf, "> 0 and finite")

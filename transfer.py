@@ -17,7 +17,7 @@ the same classifier on bag-of-words counts of the same splits.
     python transfer.py --checkpoint CKPT --train a.csv [--val b.csv] --test c.jsonl \\
         --text-column text --label-column label
     options: --feature cell,mean,max,concat,hidden,hidden-concat|all  --penalty l1|l2  --json results.json
-             --out DIR  --cache-dir DIR  --device cuda|cpu  --dtype fp32|fp16|bf16  --batch-size 64  --chunk 256
+             --out DIR  --cache-dir DIR  --device cuda|cpu  --dtype fp32|fp16|bf16  --batch-size N
     python classify.py --model CKPT_DIR/transfer-sst2-CKPT_NAME/classifier.pt "A gripping, funny film."
 
 Of the features asked for, the one whose --penalty fit is best on validation is reported and written as the
@@ -26,6 +26,7 @@ output model (--out/classifier.pt: plumbing/output_model.py). Features are cache
 classifier.pt, heatmap.html (the neuron per byte, each text's label and prediction), histogram.txt (+ .png).
 """
 import argparse
+import heapq
 import json
 import os
 import sys
@@ -37,6 +38,7 @@ import torch
 
 import data
 from data import SPLITS
+from fast import inference
 from fast.logistic import fit_l1, fit_l2
 from fp16 import DTYPES
 from plumbing import cli, feature_cache, labeled, output_model
@@ -59,55 +61,113 @@ DEVICES = ("cpu", "cuda") + (("mps",) if torch.backends.mps.is_available() else 
 GRID = [2.0 ** k for k in range(-8, 3)]  # C = 2^-8 ... 2^2
 
 
-@torch.inference_mode()
-def featurize(model, byte_strings, feature="cell", batch_size=64, chunk=256, progress=None):
-    """[N, D] features of `byte_strings` (D = H per pool), or {name: [N, D]} for a tuple of names, all in one
-    pass: computed on the model's device in its dtype, returned as float32 numpy arrays.
+def padded(byte_strings, device="cpu"):
+    """x [B, longest] right-padded byte ids and lens [B], on `device`: a batch of texts for the model."""
+    lens = np.array([len(b) for b in byte_strings], dtype=np.int64)
+    x = np.zeros((len(byte_strings), max(int(lens.max(initial=0)), 1)), dtype=np.int64)
+    for r, b in enumerate(byte_strings):
+        x[r, : len(b)] = np.frombuffer(b, dtype=np.uint8)
+    return torch.from_numpy(x).to(device), torch.from_numpy(lens).to(device)
 
-    Texts are sorted by length (longest first) and right-padded; each text's pools read its own bytes only, so
-    padding never changes them. Long texts go through in `chunk`-byte windows with the state carried; a row
-    leaves the batch once its text is done (the active rows are a prefix)."""
+
+def pool(seq, lens, how):
+    """Each row's states seq [B, T, H] pooled over its own first lens[b] >= 1 steps (padding after them never
+    counts): the "last" one, their "mean" or their "max" -> [B, H]. The definition of the features: featurize
+    computes them as it reads, and finetune.py's head reads them (differentiably) through `features`."""
+    B, T, _ = seq.shape
+    if how == "last":
+        return seq[torch.arange(B, device=seq.device), lens - 1]
+    valid = (torch.arange(T, device=seq.device) < lens[:, None])[..., None]  # [B, T, 1]
+    if how == "mean":
+        return (seq * valid).sum(1) / lens[:, None].to(seq.dtype)
+    return seq.masked_fill(~valid, -torch.inf).amax(1)
+
+
+def features(states, lens, feature):
+    """FEATURES[feature] of whole sequences: states {"h": hs, "c": cs} [B, T, H] -> [B, D], pools side by side."""
+    return torch.cat([pool(states[state], lens, how) for state, how in FEATURES[feature]], 1)
+
+
+def schedule(lengths, rows):
+    """How `rows` rows read texts of `lengths` bytes one after another: longest first, each to the row free
+    soonest. -> (rows used, row and first step of each text; -1 for an empty text), the rows numbered by how
+    long they read (row 0 the longest), so that the rows still reading at any step are a prefix."""
+    order = [int(i) for i in np.argsort(-lengths, kind="stable") if lengths[i] > 0]
+    rows = min(rows, len(order))
+    free = [(0, r) for r in range(rows)]  # (the step a row is free from, the row): a heap
+    row, first = np.full(len(lengths), -1), np.zeros(len(lengths), dtype=np.int64)
+    for i in order:
+        first[i], row[i] = heapq.heappop(free)
+        heapq.heappush(free, (first[i] + int(lengths[i]), row[i]))
+    ends = np.zeros(rows, dtype=np.int64)
+    ends[[r for _, r in free]] = [t for t, _ in free]
+    rank = np.empty(rows, dtype=np.int64)
+    rank[np.argsort(-ends, kind="stable")] = np.arange(rows)
+    row[row >= 0] = rank[row[row >= 0]]
+    return rows, row, first
+
+
+@torch.inference_mode()
+def featurize(model, byte_strings, feature="cell", batch_size=64, progress=None):
+    """[N, D] features of `byte_strings` (D = H per pool), or {name: [N, D]} for a tuple of names, all in one
+    pass: computed on the model's device in its dtype, returned as float32 numpy arrays. They are `pool` of the
+    states of mlstm.cell's loop over each text, computed as it reads (fast/inference.py's step, tested equal):
+    each step updates a running sum and max, and no [B, T, H] sequence of states is kept.
+
+    `batch_size` rows read at once, each its own text from a zero state; a row whose text ends takes the next
+    one (`schedule`), so that the matrix products stay as tall as the batch until the texts run out, and no
+    padding is read. progress(texts_done, bytes_done, final) hears as texts finish."""
     names = (feature,) if isinstance(feature, str) else tuple(feature)
     if unknown := [f for f in names if f not in FEATURES]:
         raise ValueError(f"feature must be one of {tuple(FEATURES)}, not {unknown[0]!r}")
     pools = list(dict.fromkeys(sp for f in names for sp in FEATURES[f]))  # (state, pool) pairs
-    dev = model.wh.device
+    dev, H, N = model.wh.device, model.hidden, len(byte_strings)
     lengths = np.array([len(b) for b in byte_strings], dtype=np.int64)
-    order = np.argsort(-lengths, kind="stable")
-    out = {sp: torch.zeros(len(byte_strings), model.hidden) for sp in pools}
-    done_bytes = 0
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        lens = lengths[idx]
-        x = np.zeros((len(idx), max(int(lens[0]), 1)), dtype=np.int64)  # [b, longest]
-        for r, i in enumerate(idx):
-            x[r, : lens[r]] = np.frombuffer(byte_strings[i], dtype=np.uint8)
-        x, lens_t = torch.from_numpy(x).to(dev), torch.from_numpy(lens).to(dev)
-        h, c = model.zero_state(len(idx))
-        acc = {sp: torch.full((len(idx), model.hidden), -torch.inf if sp[1] == "max" else 0.0, device=dev)
-               for sp in pools}  # [b, H] each
-        for t0 in range(0, int(lens[0]), chunk):
-            a = int((lens > t0).sum())  # rows still reading
-            hs, cs, (h, c) = model.rnn(x[:a, t0 : t0 + chunk], (h[:a], c[:a]), return_cells=True)
-            seqs = {"c": cs.float(), "h": hs.float()}  # [a, Tc, H]
-            left = lens_t[:a] - t0  # bytes of each row from t0 on
-            valid = (torch.arange(hs.shape[1], device=dev) < left[:, None])[..., None]  # [a, Tc, 1]
-            ends = (left <= hs.shape[1]).nonzero().squeeze(1)  # rows whose last byte is in this window
-            for (state, pool), buf in acc.items():
-                if pool == "last":
-                    buf[ends] = seqs[state][ends, left[ends] - 1]
-                elif pool == "mean":
-                    buf[:a] += (seqs[state] * valid).sum(1)
-                else:
-                    buf[:a] = torch.maximum(buf[:a], seqs[state].masked_fill(~valid, -torch.inf).amax(1))
-        for (state, pool), buf in acc.items():
-            if pool == "mean":
-                buf /= lens_t.clamp(min=1)[:, None].float()
-            out[state, pool][torch.from_numpy(idx)] = torch.where(lens_t[:, None] > 0, buf, 0.0).cpu()
-        done_bytes += int(lens.sum())
-        if progress:
-            progress(s + len(idx), done_bytes, final=s + batch_size >= len(order))
-    X = {f: torch.cat([out[sp] for sp in FEATURES[f]], 1).numpy() for f in names}
+    rows, row, first = schedule(lengths, batch_size)
+    last = first + lengths - 1  # the step of each text's last byte
+    steps = int(last.max(initial=-1)) + 1
+    ids = np.zeros((steps, rows), dtype=np.uint8)  # the byte each row reads at each step
+    for i in np.flatnonzero(row >= 0):
+        ids[first[i] : last[i] + 1, row[i]] = np.frombuffer(byte_strings[i], dtype=np.uint8)
+    reading = np.searchsorted(-np.sort(np.bincount(row[row >= 0], weights=lengths[row >= 0], minlength=rows))[::-1]
+                              if rows else [], -np.arange(steps), side="left")  # rows still reading at each step
+    done = np.flatnonzero(row >= 0)[np.argsort(last[row >= 0], kind="stable")]  # texts by the step they end
+    at = np.searchsorted(last[done], np.arange(steps + 1))  # done[at[t]:at[t + 1]] end at step t
+    who, where = torch.from_numpy(done).to(dev), torch.from_numpy(row[done]).to(dev)
+    n = torch.from_numpy(lengths[done]).to(dev, torch.float32)[:, None]
+
+    wx, wh, wmx, wmh = model.weights()
+    emb = model.embed.weight
+    # The input side of all 256 bytes, once: a step reads two rows of these instead of two products.
+    xm_all, xz_all = emb @ wmx, torch.addmm(model.b, emb, wx)  # [256, H], [256, 4H]
+    h, c = torch.zeros(rows, H, device=dev, dtype=wh.dtype), torch.zeros(rows, H, device=dev)  # c in float32
+    # running sums and maxima in float32 whatever the model's dtype (a bf16 sum of a thousand steps loses digits)
+    acc = {sp: torch.full((rows, H), -torch.inf if sp[1] == "max" else 0.0, device=dev) for sp in pools
+           if sp[1] != "last"}
+    out = {sp: torch.zeros(N, H, device=dev) for sp in pools}
+    told = 0
+    for t in range(steps):
+        a = int(reading[t])
+        x = torch.from_numpy(ids[t, :a]).to(dev, torch.int64)
+        h, c = inference.step(xm_all, xz_all, x, h[:a], c[:a], wh, wmh)
+        states = {"c": c, "h": h.float() if any(s == "h" for s, _ in pools) else None}
+        for (state, how), buf in acc.items():
+            v, buf = states[state], buf[:a]
+            buf.add_(v) if how == "mean" else torch.maximum(buf, v, out=buf)
+        if at[t + 1] == at[t]:
+            continue
+        k = slice(at[t], at[t + 1])  # the texts that end now, and their rows
+        for state, how in pools:  # their features; then the rows start afresh (zero state, empty pools)
+            v = (states[state] if how == "last" else acc[state, how]).index_select(0, where[k])
+            out[state, how].index_copy_(0, who[k], v / n[k] if how == "mean" else v)
+        for buf in (h, c, *(acc[sp] for sp in acc if sp[1] == "mean")):
+            buf.index_fill_(0, where[k], 0.0)
+        for sp in (sp for sp in acc if sp[1] == "max"):
+            acc[sp].index_fill_(0, where[k], -torch.inf)
+        if progress and (at[t + 1] - told >= batch_size or t == steps - 1):
+            told = at[t + 1]
+            progress(told, int(lengths[done[:told]].sum()), final=t == steps - 1)
+    X = {f: torch.cat([out[sp] for sp in FEATURES[f]], 1).cpu().numpy() for f in names}
     return X[feature] if isinstance(feature, str) else X
 
 
@@ -118,8 +178,8 @@ def cached_features(model, checkpoint, name, byte_strings, cache_dir, feature="c
     paths = {f: feature_cache.cache_path(cache_dir, name, checkpoint, byte_strings, f, dtype) for f in names}
     X = {f: feature_cache.load(paths[f], (len(byte_strings), model.hidden * len(FEATURES[f]))) for f in names}
     if missing := [f for f in names if X[f] is None]:
-        new = featurize(model, byte_strings, tuple(missing), progress=cli.progress(f"featurize {name}",
-                                                                                   len(byte_strings)), **kw)
+        said = cli.progress(f"featurize {name}", len(byte_strings), total_bytes=sum(map(len, byte_strings)))
+        new = featurize(model, byte_strings, tuple(missing), progress=said, **kw)
         X.update({f: feature_cache.save(paths[f], new[f]) for f in missing})
     return (X[feature] if isinstance(feature, str) else X), not missing
 
@@ -235,11 +295,10 @@ def run(a, log=print):
     """The whole experiment for parsed arguments `a`; returns the results dict (also written as JSON)."""
     splits = labeled.load_task(a, log)
     model, config = load_pretrained(a.checkpoint, a.device)
-    if a.dtype is None:  # the checkpoint's dtype on a GPU; fp32 on CPU, where half precision is slow
-        a.dtype = config.get("dtype", "fp32") if a.device.startswith("cuda") else "fp32"
-        a.dtype = a.dtype if a.dtype in DTYPES else "fp32"
+    trained = config.get("dtype") if config.get("dtype") in DTYPES else "fp32"
+    a.dtype, a.batch_size, why = inference.settings(a.device, a.dtype, a.batch_size, trained)
     model = model.to(dtype=DTYPES[a.dtype]).eval()
-    log(f"transfer: {a.checkpoint} (H={model.hidden}) on {a.device} {a.dtype}; "
+    log(f"transfer: {a.checkpoint} (H={model.hidden}) on {a.device}, {why}; "
         + ", ".join(f"{s} {len(t)}" for s, (t, _) in splits.items()))
     # 1. Features: pools of the states after reading each (normalised) text, every feature asked for in one pass.
     X, y, B, stats = {}, {}, {}, {}
@@ -247,7 +306,7 @@ def run(a, log=print):
         B[s], y[s] = [data.normalize(t) for t in splits[s][0]], splits[s][1]
         t0 = time.time()
         X[s], hit = cached_features(model, a.checkpoint, s, B[s], a.cache_dir, tuple(a.feature), a.dtype,
-                                    batch_size=a.batch_size, chunk=a.chunk)
+                                    batch_size=a.batch_size)
         el, nb = time.time() - t0, sum(map(len, B[s]))
         stats[s] = dict(texts=len(B[s]), bytes=nb, seconds=round(el, 3), cached=hit,
                         texts_per_s=round(len(B[s]) / el, 1), bytes_per_s=round(nb / el))
@@ -276,7 +335,7 @@ def run(a, log=print):
                baseline=base, fits=r["fits"], by_feature={f: dict(fits=per[f]["fits"], **(per[f]["neuron"] or {}))
                                                           for f in a.feature},
                featurize=stats, solver_seconds=round(time.time() - t0, 2), classifier=os.path.abspath(a.classifier))
-    clf = output_model.probe(best, a.dtype, r["moments"], r["wb"][a.penalty], main["C"], a.penalty, r["neuron"],
+    clf = output_model.probe(best, a.dtype, a.batch_size, r["moments"], r["wb"][a.penalty], main["C"], a.penalty, r["neuron"],
                              a.checkpoint, model.hidden, {k: res[k] for k in ("task", "train_acc", "val_acc", "test_acc")})
     write_all(a, res, per, clf, B["test"], X["test"][best], y["test"], partial(unit_trace, model), log)
     return res
@@ -303,9 +362,9 @@ def parse_args(argv=None):
     p.add_argument("--penalty", choices=("l1", "l2"), default="l1", help="the reported classifier (both are fitted)")
     p.add_argument("--bow-vocab", type=int, default=2000, help="words of the bag-of-words baseline (0: skip the baseline)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="default: the checkpoint's dtype on cuda, fp32 on cpu")
-    p.add_argument("--batch-size", type=int, default=64, help="texts per featurisation batch")
-    p.add_argument("--chunk", type=int, default=256, help="bytes per window of long texts (state carried)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="featurisation precision (default: bf16 on a CPU with bf16 "
+                   "matrix units, else fp32; the checkpoint's training precision on a GPU: fast/inference.py)")
+    p.add_argument("--batch-size", type=int, help="texts read at once (default: 256; 128 for fp32 on a CPU)")
     p.add_argument("--cache-dir", help="feature cache (default: CHECKPOINT_DIR/features); deletable")
     p.add_argument("--out", help="output folder (default: CHECKPOINT_DIR/transfer-TASK-CHECKPOINT_NAME)")
     p.add_argument("--classifier", help="where the output model goes (default: OUT/classifier.pt)")
@@ -315,7 +374,7 @@ def parse_args(argv=None):
     p.add_argument("--heatmap-bytes", type=int, default=1500, help="the first bytes shown of each heatmap text")
     a = p.parse_args(argv)
     labeled.check_task_arguments(p, a)
-    cli.require(p, a, ("batch_size", "chunk", "heatmap_bytes"), lambda v: v >= 1, ">= 1")
+    cli.require(p, a, ("batch_size", "heatmap_bytes"), lambda v: v >= 1, ">= 1")
     cli.require(p, a, ("seed",), lambda v: 0 <= v < 2**63, "in [0, 2^63)")
     cli.require(p, a, ("bow_vocab",), lambda v: v >= 0, ">= 0 (0: no baseline)")
     cli.require(p, a, ("heatmap",), lambda v: v >= 0, ">= 0 (0: no texts in heatmap.html)")
@@ -342,5 +401,5 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     args = parse_args()
-    cli.main_guard(lambda: run(args), oom="lower --batch-size or --chunk",
+    cli.main_guard(lambda: run(args), oom="lower --batch-size",
                    interrupted="interrupted: no results written; the features cached so far are reused next time")

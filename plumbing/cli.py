@@ -68,9 +68,10 @@ def check_output_file(p, flag, path):
         p.error(f"{flag} {path}: not a file name in an existing, writable folder")
 
 
-def progress(label, total=None, every=2.0):
+def progress(label, total=None, every=2.0, total_bytes=None):
     """A progress line on stderr, at most every `every` seconds (and at the end): update(texts_done, bytes_done).
-    total=None: a stream of unknown length (no eta)."""
+    total=None: a stream of unknown length (no eta). The eta comes from the bytes read where total_bytes is
+    given (texts differ in length, and featurize reads the longest first), else from the texts."""
     start = time.time()
     last = [start, None]  # when the last line was printed, and at which count
 
@@ -81,7 +82,9 @@ def progress(label, total=None, every=2.0):
         elif final or now - last[0] > every:
             last[0], last[1], el = now, n, max(now - start, 1e-9)
             of = f"/{total}" if total is not None else ""
-            eta = f", eta {el * (total - n) / max(n, 1):.0f}s" if total is not None else ""
+            left = (total_bytes - nbytes) / max(nbytes, 1) if total_bytes else \
+                (total - n) / max(n, 1) if total is not None else None
+            eta = f", eta {el * left:.0f}s" if left is not None else ""
             end = "\n" if final or not sys.stderr.isatty() else "\r"
             print(f"{label}: {n}{of} texts, {n / el:.1f} texts/s, {nbytes / el / 1e3:.1f} kB/s, {el:.0f}s elapsed"
                   f"{eta}", end=end, file=sys.stderr, flush=True)

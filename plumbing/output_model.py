@@ -5,7 +5,8 @@ to end with a linear head) each write one; classify.py applies either to new tex
 values, written atomically with torch.save and read back with weights_only=True after a CRC-32 check:
 
   kind          "probe" (reads the language model named by `checkpoint`) or "finetuned" (holds its own)
-  feature       transfer.FEATURES name of the features the linear layer reads; dtype: their compute precision
+  feature       transfer.FEATURES name of the features the linear layer reads; dtype: their compute precision,
+  batch_size    and the rows read at once (bf16 products may round differently for another batch)
   mean, std     [D] float32 standardisation of the features (0 and 1 for a fine-tuned head)
   w [D], b      the linear layer (float64): label 1 (positive) iff ((x - mean) / std) @ w + b > 0
   C, penalty    the regularisation it was fitted with (None for a fine-tuned head)
@@ -84,11 +85,11 @@ def language_model(clf, path, checkpoint=None, device="cpu"):
     return load_pretrained(checkpoint, device)[0]
 
 
-def probe(feature, dtype, moments, wb, C, penalty, neuron, checkpoint, hidden, reported):
+def probe(feature, dtype, batch_size, moments, wb, C, penalty, neuron, checkpoint, hidden, reported):
     """transfer.py's output model: logistic regression (w, b) on standardised `feature`s of `checkpoint`, with the
     sentiment neuron of transfer.sentiment_neuron's results."""
     (mu, sd), (w, b) = moments, wb
-    return dict(kind="probe", feature=feature, dtype=dtype, mean=torch.from_numpy(mu), std=torch.from_numpy(sd),
+    return dict(kind="probe", feature=feature, dtype=dtype, batch_size=batch_size, mean=torch.from_numpy(mu), std=torch.from_numpy(sd),
                 w=torch.from_numpy(w), b=b, C=C, penalty=penalty,
                 neuron=dict(index=neuron["neuron"], unit=neuron["neuron_unit"], state=neuron["neuron_state"],
                             sign=neuron["neuron_sign"], threshold=neuron["neuron_threshold"]),

@@ -14,6 +14,7 @@ import data
 import mlstm
 import train
 import transfer
+from fp16 import DTYPES
 from plumbing import output_model
 
 WORDS = "good great fine bad awful poor the film was plot and but".split()
@@ -70,8 +71,8 @@ def test_the_output_model_reproduces_the_reported_test_accuracy(fitted, tmp_path
     assert clf["feature"] == res["feature"] and clf["reported"]["test_acc"] == res["test_acc"]
     # The neuron column is the neuron's feature value times its sign: from an independent featurisation.
     texts = [r["text"] for r in rows]
-    lm = output_model.language_model(clf, model)
-    feats = transfer.featurize(lm.eval(), [data.normalize(t) for t in texts], clf["feature"])
+    lm = output_model.language_model(clf, model).to(DTYPES[clf["dtype"]])  # as fitted: bf16 where the CPU has AMX
+    feats = transfer.featurize(lm.eval(), [data.normalize(t) for t in texts], clf["feature"], clf["batch_size"])
     want = clf["neuron"]["sign"] * feats[:, clf["neuron"]["index"]]
     diff = np.abs(np.array([float(r["neuron"]) for r in rows]) - want).max()
     assert diff < 1e-5, f"neuron column differs by {diff:.2e}"

@@ -820,7 +820,7 @@ def test_help_shows_defaults_once_and_never_none():
         flat = " ".join(text.split())
         assert "(default: None)" not in flat and "(default: False)" not in flat, script
     flat = " ".join(subprocess.run([PY, "transfer.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout.split())
-    assert "texts per featurisation batch (default: 64)" in flat and "--bow-vocab" in flat and "(default: 2000)" in flat
+    assert "the first bytes shown of each heatmap text (default: 1500)" in flat and "(default: 2000)" in flat, flat
 
 
 def test_make_says_what_it_installs_before_installing(tmp_path):

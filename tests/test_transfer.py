@@ -1,4 +1,4 @@
-"""transfer.py: featurisation (padding, chunking), the solvers against scikit-learn, the neuron finder,
+"""transfer.py: featurisation (against the reference loop, bf16, the schedule), the solvers against scikit-learn, the neuron finder,
 the loaders and their errors, the command line end to end on a tiny checkpoint."""
 import bz2
 import gzip
@@ -99,22 +99,79 @@ def texts(n=9, seed=0):
     return [bytes(rng.integers(32, 127, int(k)).astype(np.uint8)) for k in rng.integers(1, 70, n)]
 
 
-@pytest.mark.parametrize("feature", transfer.FEATURES)
-def test_padding_and_chunking_do_not_change_features(feature):
-    model, bs = tiny_model(), texts()
-    alone = np.stack([transfer.featurize(model, [b], feature, batch_size=1, chunk=10_000)[0] for b in bs])
-    batched = transfer.featurize(model, bs, feature, batch_size=4, chunk=7)
-    diff = np.abs(alone - batched).max()
-    assert diff < 1e-5, f"padded+chunked features differ from one-at-a-time by {diff:.2e}"
-    # Independent reference: the full forward over the text, then pick the feature by hand.
-    for b, got in zip(bs, batched):
-        x = torch.tensor(list(b))[None]
-        hs, cs, _ = model.rnn(x, return_cells=True)
-        pools = {"cell": cs[0, -1], "hidden": hs[0, -1], "mean": cs[0].mean(0), "max": cs[0].amax(0)}
-        pools["concat"] = torch.cat([pools["cell"], pools["mean"], pools["max"]])
-        pools["hidden-concat"] = torch.cat([hs[0, -1], hs[0].mean(0), hs[0].amax(0)])
-        want = pools[feature].detach().numpy()
-        assert np.abs(got - want).max() < 1e-5, np.abs(got - want).max()
+def reference_features(model, byte_strings, feature):
+    """Each text alone through mlstm.py's own loop of `cell` (model.rnn, return_cells), pooled by hand: the last
+    state, the mean and the max over the text's steps (an empty text: zeros)."""
+    rows = []
+    for b in byte_strings:
+        if not b:
+            rows.append(np.zeros(model.hidden * len(transfer.FEATURES[feature])))
+            continue
+        with torch.no_grad():
+            hs, cs, _ = model.rnn(torch.tensor(list(b))[None], return_cells=True)
+        seq = {"h": hs[0].double(), "c": cs[0].double()}
+        pools = {"last": lambda v: v[-1], "mean": lambda v: v.mean(0), "max": lambda v: v.amax(0)}
+        rows.append(torch.cat([pools[how](seq[state]) for state, how in transfer.FEATURES[feature]]).numpy())
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_featurize_equals_the_reference_loop_for_every_pool(batch_size):
+    """Texts of very different lengths (0 to 600 bytes) read together, rows refilled as texts end: every feature
+    equals the text read alone through mlstm.py's loop of `cell`, whatever the batch (padding never counts)."""
+    model = tiny_model()
+    rng = np.random.default_rng(1)
+    bs = [bytes(rng.integers(0, 256, int(k)).astype(np.uint8)) for k in (600, 1, 0, 37, 2, 250, 9, 9, 120, 3)]
+    got = transfer.featurize(model, bs, tuple(transfer.FEATURES), batch_size=batch_size)
+    for feature in transfer.FEATURES:
+        want = reference_features(model, bs, feature)
+        diff = np.abs(got[feature] - want).max()
+        assert diff < 1e-5, f"{feature}, batch {batch_size}: max |featurize - reference| = {diff:.2e}"
+
+
+def test_featurize_in_bf16_stays_within_bf16s_rounding_of_the_reference():
+    """bf16 matrix products (fast/inference.py keeps the gate math and the cell state in float32): the features
+    within bf16's rounding of the float64 reference, relative to the features' scale."""
+    model = tiny_model(hidden=64)
+    bs = texts(n=12)
+    got = transfer.featurize(model.to(torch.bfloat16), bs, tuple(transfer.FEATURES), batch_size=5)
+    model.float()
+    for feature in transfer.FEATURES:
+        want = reference_features(model, bs, feature)
+        err = np.abs(got[feature] - want).max() / np.abs(want).max()
+        assert err < 3e-2, f"{feature} in bf16: max |diff| / max |reference| = {err:.2e}"
+
+
+def test_schedule_keeps_rows_full_and_the_reading_rows_a_prefix():
+    lengths = np.array([5, 0, 9, 3, 3, 7, 1, 12, 2])
+    rows, row, first = transfer.schedule(lengths, 3)
+    assert rows == 3 and row[1] == -1, (rows, row)
+    spans = sorted((row[i], first[i], first[i] + lengths[i]) for i in range(len(lengths)) if lengths[i])
+    for (r, _, end), (r2, start, _) in zip(spans, spans[1:]):  # a row's texts follow each other without a gap
+        assert r != r2 or start == end, spans
+    totals = [max(e for r2, _, e in spans if r2 == r) for r in range(rows)]
+    assert totals == sorted(totals, reverse=True) and totals[0] - totals[-1] <= max(lengths), totals
+    assert transfer.schedule(lengths, 100)[0] == 8  # never more rows than texts to read
+
+
+def test_the_featurisation_settings_follow_the_machine(monkeypatch):
+    from fast import inference
+    monkeypatch.setattr(inference, "bf16_matrix_units", lambda: ["AMX"])
+    dtype, batch, why = inference.settings("cpu")
+    assert (dtype, batch) == ("bf16", 256) and "bf16 matrix units: AMX" in why, why
+    monkeypatch.setattr(inference, "bf16_matrix_units", lambda: [])
+    assert inference.settings("cpu")[:2] == ("fp32", 128)
+    assert inference.settings("cpu", "bf16", 32)[:2] == ("bf16", 32) and "as given" in inference.settings("cpu", "bf16")[2]
+    assert inference.settings("cuda", model_dtype="fp16")[:2] == ("fp16", 256)
+
+
+def test_the_progress_eta_comes_from_the_bytes(capsys, monkeypatch):
+    from plumbing import cli
+    clock = iter([0.0, 10.0, 10.0])
+    monkeypatch.setattr(cli.time, "time", lambda: next(clock))
+    update = cli.progress("featurize", total=100, every=0.0, total_bytes=1000)
+    update(10, 500)  # a tenth of the texts but half of the bytes in 10 s: 10 s to go, not 90
+    assert "eta 10s" in capsys.readouterr().err
 
 
 def write(path, text):
