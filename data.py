@@ -10,7 +10,8 @@ feeds the model, so that it sees reviews as it saw them in pretraining).
   processes reads rows [r*B/W, (r+1)*B/W), so the global batch is the same for any W.
 - prepare(): raw sources -> DIR/{train,val,test}.bin (flat uint8 bytes, memory-mapped by ByteLoader) + .idx
   (int64 document offsets) + meta.json, document by document: memory does not grow with the corpus.
-  The readers of each format are plumbing/sources.py; the folder's safe replacement plumbing/folders.py.
+  The readers of each format are plumbing/sources.py; the folder's safe replacement plumbing/folders.py;
+  the command line's one-line errors plumbing/cli.py.
 - resolve(): train.py's --data: a prepared folder, or a raw source prepared on first use into a cache.
 
     python data.py SOURCE [SOURCE ...] --out DIR [--text-field reviewText] [--val-frac 0.01] [--test-frac 0.01]

@@ -20,10 +20,14 @@ the same classifier on bag-of-words counts of the same splits.
              --out DIR  --cache-dir DIR  --device cuda|cpu  --dtype fp32|fp16|bf16  --batch-size N
     python classify.py --model CKPT_DIR/transfer-sst2-CKPT_NAME/classifier.pt "A gripping, funny film."
 
-Of the features asked for, the one whose --penalty fit is best on validation is reported and written as the
-output model (--out/classifier.pt: plumbing/output_model.py). Features are cached as .npy in --cache-dir
-(default CKPT_DIR/features/, safe to delete). Writes to --out (default CKPT_DIR/transfer-TASK-CKPT_NAME/): results.json,
-classifier.pt, heatmap.html (the neuron per byte, each text's label and prediction), histogram.txt (+ .png).
+The features are `pool`s of the states of mlstm.py's loop, computed as featurize reads (its step:
+fast/inference.py, tested equal; on a CPU in bf16 where it has bf16 matrix units). Of the features asked for,
+the one whose --penalty fit is best on validation is reported and written as the output model (--out/
+classifier.pt: plumbing/output_model.py). Features are cached as .npy in --cache-dir (plumbing/feature_cache.py;
+default CKPT_DIR/features/, safe to delete). Writes to --out (default CKPT_DIR/transfer-TASK-CKPT_NAME/):
+results.json, classifier.pt, heatmap.html (the neuron per byte, each text's label and prediction),
+histogram.txt (+ .png) (plumbing/reports.py). The labelled files are read by plumbing/labeled.py, the model by
+plumbing/checkpoints.py, the baseline's word counts made by plumbing/baseline.py.
 """
 import argparse
 import heapq

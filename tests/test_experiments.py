@@ -1,4 +1,4 @@
-"""experiments.py on a tiny fixture corpus: a real sweep (hidden 8, a few steps) collected into tables, a run
+"""experiments.py (and experiment_runs.py, which runs its plan) on a tiny fixture corpus: a real sweep (hidden 8, a few steps) collected into tables, a run
 forced to diverge reported as 'Div', and a second invocation that runs nothing (resumable); the flag checks, and
 the reuse of a finished run or held-out BPC only for the same settings (on fakes)."""
 import json
@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from tools import experiment_runs as runner
 from tools import experiments
 import mlstm
 
@@ -169,7 +170,7 @@ def test_second_invocation_skips_finished_runs(sweep, monkeypatch):
         raise AssertionError(f"a finished run was started again: {a}")
 
     monkeypatch.setattr(subprocess, "run", refuse)
-    monkeypatch.setattr(experiments, "heldout_bpc", refuse)
+    monkeypatch.setattr(runner, "heldout_bpc", refuse)
     second = experiments.main(argv)
     for name, rec in first["runs"].items():
         got = second["runs"][name]
@@ -251,16 +252,16 @@ def test_same_argv_compares_paths_by_the_file_and_everything_else_as_it_is(tmp_p
     (tmp_path / "d.txt").write_text("x")
     link = tmp_path / "link.txt"
     link.symlink_to(tmp_path / "d.txt")
-    assert experiments.same_argv(["--data", str(tmp_path / "d.txt")], ["--data", str(link)])
-    assert not experiments.same_argv(["--data", str(tmp_path / "d.txt")], ["--data", str(tmp_path / "d.txt"), "x"])
-    assert not experiments.same_argv(["--lr", "0.002"], ["--lr", "0.003"])
+    assert runner.same_argv(["--data", str(tmp_path / "d.txt")], ["--data", str(link)])
+    assert not runner.same_argv(["--data", str(tmp_path / "d.txt")], ["--data", str(tmp_path / "d.txt"), "x"])
+    assert not runner.same_argv(["--lr", "0.002"], ["--lr", "0.003"])
 
 
 def test_bpc_of_a_checkpoint_without_a_corpus_in_its_config_is_an_error(tmp_path):
     torch.save({"model": mlstm.MLSTM(hidden=8, embed=8).state_dict(),
                 "config": {"hidden": 8, "embed": 8, "no_weight_norm": False}}, tmp_path / "m.pt")
     with pytest.raises(SystemExit, match=r"m\.pt: its config has no 'data': not from train\.py"):
-        experiments.heldout_bpc(str(tmp_path / "m.pt"))
+        runner.heldout_bpc(str(tmp_path / "m.pt"))
 
 
 def test_a_missing_corpus_or_an_unwritable_out_is_one_line_not_a_traceback(tmp_path):
@@ -269,7 +270,7 @@ def test_a_missing_corpus_or_an_unwritable_out_is_one_line_not_a_traceback(tmp_p
     for flags, message in ((["--data", str(tmp_path / "nope.txt")], "nope.txt: no such file or folder"),
                            (["--data", str(corpus), "--out", str(tmp_path / "file")], "Not a directory")):
         p = subprocess.run([sys.executable, "tools/experiments.py", "--only", "precision", "--dtypes", "fp32",
-                            "--out", str(tmp_path / "out"), *flags], cwd=experiments.ROOT, capture_output=True,
+                            "--out", str(tmp_path / "out"), *flags], cwd=runner.ROOT, capture_output=True,
                            text=True)
         assert p.returncode == 1 and p.stderr.startswith("error: ") and message in p.stderr \
             and "Traceback" not in p.stderr, f"{flags}: exit {p.returncode}, stderr:\n{p.stderr}"
@@ -278,17 +279,17 @@ def test_a_missing_corpus_or_an_unwritable_out_is_one_line_not_a_traceback(tmp_p
 def test_rel_keeps_relative_only_paths_inside_the_root_or_given_relative(tmp_path, monkeypatch):
     root = tmp_path / "repo"
     (root / "out").mkdir(parents=True)
-    monkeypatch.setattr(experiments, "ROOT", str(root))
+    monkeypatch.setattr(runner, "ROOT", str(root))
     monkeypatch.chdir(root)
     want = {str(tmp_path / "tmp" / "x"): str(tmp_path / "tmp" / "x"),  # one level above the root, absolute
             str(root / "out" / "r"): os.path.join("out", "r"),
             os.path.join("out", "r"): os.path.join("out", "r"),
             os.path.join("..", "shared", "sst2"): os.path.join("..", "shared", "sst2"),  # the defaults' form
             str(tmp_path / "repox" / "y"): str(tmp_path / "repox" / "y")}
-    got = {p: experiments.rel(p) for p in want}
+    got = {p: runner.rel(p) for p in want}
     assert got == want, f"rel() gave {got}, want {want}"
     monkeypatch.chdir(root / "out")  # relative to the working directory: the same path, named from the root
-    assert experiments.rel("r") == os.path.join("out", "r"), experiments.rel("r")
+    assert runner.rel("r") == os.path.join("out", "r"), runner.rel("r")
 
 
 def test_a_run_trained_with_another_thread_count_is_trained_again(tmp_path, monkeypatch):
@@ -300,16 +301,16 @@ def test_a_run_trained_with_another_thread_count_is_trained_again(tmp_path, monk
         trained.append(a.threads)
         return 0, 1.0, ""
 
-    monkeypatch.setattr(experiments, "run_logged", fake_run)
+    monkeypatch.setattr(runner, "run_logged", fake_run)
     a = experiments.parse_args(["--out", str(tmp_path / "out"), "--threads", "1"])
     r = experiments.Run(a, 8, 4, 640, "none", 2e-3, "fp32")
-    experiments.train_run(r, a)
-    experiments.train_run(r, a)
+    runner.train_run(r, a)
+    runner.train_run(r, a)
     assert trained == [1], f"same argv and threads: trained with {trained}"
     assert (tmp_path / "out" / "runs" / r.name / "run.json").is_file(), f"run.json not in --out: {r.dir}"
     assert not os.listdir(tmp_path / "cwd"), os.listdir(tmp_path / "cwd")
     a.threads = 2
-    got = experiments.train_run(r, a)
+    got = runner.train_run(r, a)
     assert trained == [1, 2], f"threads 1 then 2: trained with {trained}"
     assert got["threads"] == "2" and got["command"].startswith("OMP_NUM_THREADS=2 python train.py"), f"{got}"
     aside = [n for n in os.listdir(tmp_path / "out" / "runs") if n.startswith(r.name + ".replaced-")]
@@ -318,14 +319,14 @@ def test_a_run_trained_with_another_thread_count_is_trained_again(tmp_path, monk
 
 
 def test_the_same_data_named_another_way_is_the_same_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(experiments, "run_logged", lambda argv, log_path, a: (0, 1.0, ""))
+    monkeypatch.setattr(runner, "run_logged", lambda argv, log_path, a: (0, 1.0, ""))
     (tmp_path / "d.txt").write_text("x")
     runs = []
-    for data in (str(tmp_path / "d.txt"), os.path.relpath(tmp_path / "d.txt", experiments.ROOT)):
-        monkeypatch.chdir(experiments.ROOT)  # where main() runs them, and the relative path starts
+    for data in (str(tmp_path / "d.txt"), os.path.relpath(tmp_path / "d.txt", runner.ROOT)):
+        monkeypatch.chdir(runner.ROOT)  # where main() runs them, and the relative path starts
         a = experiments.parse_args(["--out", str(tmp_path / "out"), "--data", data, "--threads", "1"])
         r = experiments.Run(a, 8, 4, 640, "none", 2e-3, "fp32")
-        runs.append(experiments.train_run(r, a)["command"])
+        runs.append(runner.train_run(r, a)["command"])
     assert runs[0] == runs[1], f"retrained for another spelling of --data: {runs}"
     assert os.listdir(tmp_path / "out" / "runs") == [r.name], os.listdir(tmp_path / "out" / "runs")
 
@@ -340,22 +341,22 @@ def test_heldout_bpc_is_recomputed_for_other_settings_and_reported_as_evaluated(
         rows, windows = min(rows, 3), min(windows, 5)  # as on a small test split
         return dict(bpc=2.3456, chars=rows * windows * seq, rows=rows, seq=seq, windows=windows, split=split, params=1)
 
-    monkeypatch.setattr(experiments, "heldout_bpc", fake_bpc)
+    monkeypatch.setattr(runner, "heldout_bpc", fake_bpc)
     a = experiments.parse_args(["--out", str(tmp_path / "out"), "--only", "precision", "--dtypes", "fp32",
                                 "--eval-rows", "16", "--eval-seq", "32", "--eval-windows", "4"])
     a.train_bytes = 10**6
     r = experiments.Run(a, 8, 4, 640, "none", 2e-3, "fp32")
     os.makedirs(r.dir)
-    experiments.eval_run(r, a)
-    experiments.eval_run(r, a)
+    runner.eval_run(r, a)
+    runner.eval_run(r, a)
     assert asked == [(16, 32, 4)], f"same settings: evaluated {asked}"
     assert (tmp_path / "out" / "runs" / r.name / "heldout.json").is_file(), f"heldout.json not in --out: {r.dir}"
     assert not os.listdir(tmp_path / "cwd"), os.listdir(tmp_path / "cwd")
     a.eval_windows = 8
-    heldout = experiments.eval_run(r, a)
+    heldout = runner.eval_run(r, a)
     assert asked == [(16, 32, 4), (16, 32, 8)], f"--eval-windows 4 then 8: evaluated {asked}"
     status = dict(status="ok", command="python train.py", wall_s=1.0, code={})
-    rec = experiments.collect(r, a, status, heldout, {})
+    rec = runner.collect(r, a, status, heldout, {})
     assert rec["commands"]["train"] == status["command"], f"not the command as run: {rec['commands']}"
     md = experiments.tables(a, {"precision": [r]}, {r.name: rec},
                             dict(corpus="c", train_bytes=10**6, test_bytes=10**4, torch="t"))
@@ -371,7 +372,7 @@ def test_tables_without_transfer_tasks_keep_their_columns(tmp_path):
                                 "--hidden-sizes", "8,16", "--batches", "4,8", "--rules", "none:2e-3,sqrt:1e-3"])
     a.train_bytes = 10**6
     runs, exps = experiments.plan(a)
-    recs = {name: experiments.collect(r, a, dict(status="failed", command="python train.py"), None, {})
+    recs = {name: runner.collect(r, a, dict(status="failed", command="python train.py"), None, {})
             for name, r in runs.items()}
     md = experiments.tables(a, exps, recs, dict(corpus="c", train_bytes=10**6, test_bytes=10**4, torch="t"))
     assert assert_tables_aligned(md) == 4, md  # size, lr summary, lr detail, precision
@@ -391,7 +392,7 @@ def test_rules_at_the_base_batch_share_one_run_and_every_table_cell_keeps_its_ru
     assert len(shared) == 1 and shared[0].rule == "none" and len(shared[0].rules) == 3, [r.name for r in shared]
     recs = {}
     for k, (name, r) in enumerate(sorted(runs.items())):
-        recs[name] = experiments.collect(r, a, dict(status="ok", command="python train.py"), None, {})
+        recs[name] = runner.collect(r, a, dict(status="ok", command="python train.py"), None, {})
         recs[name]["heldout_bpc"] = 1 + k / 10  # a number per run
     md = experiments.tables(a, exps, recs, dict(corpus="c", train_bytes=10**6, test_bytes=10**4, torch="t"))
     assert assert_tables_aligned(md) == 2, md  # lr summary and detail

@@ -1,11 +1,12 @@
 """Puri et al. 2018's study at our scale: model size, learning-rate rules at growing batch, precision.
 
-Every run is a train.py subprocess (one at a time) on IMDB's unlabelled + training reviews (never its test
-reviews), evaluated on held-out text by this file's --bpc mode and transferred to sentiment with
-transfer.py. The tables (results.md), results.json and lr_rules.png (the loss curves) go to --out; every
-number in a table sits next to the commands that produced it. Finished runs are skipped: rerunning the same
-command resumes an interrupted sweep (a run cut off midway restarts from scratch; a finished run whose
-command changed is moved aside to runs/NAME.replaced-DATE and trained again).
+This file is the study's design: which runs make which table (`plan`, the tables as lists of runs) and the
+tables themselves (`tables`: their columns as data, one builder). tools/experiment_runs.py runs the plan: each
+run a train.py subprocess (one at a time) on IMDB's unlabelled + training reviews (never its test reviews),
+evaluated on held-out text (this file's --bpc mode) and transferred to sentiment with transfer.py; finished
+runs are skipped, so rerunning the same command resumes an interrupted sweep. The tables (results.md),
+results.json and lr_rules.png (the loss curves) go to --out; every number in a table sits next to the commands
+that produced it.
 
     # the CPU-scale tables (tiny models: 28 min on one thread of a shared 2-core machine)
     OMP_NUM_THREADS=1 python tools/experiments.py --scale cpu
@@ -33,15 +34,9 @@ bag-of-words baseline does not depend on the checkpoint and costs more than the 
 it is computed once per task (the first transfer) and the other transfers skip it (--bow-vocab 0).
 """
 import argparse
-import hashlib
 import json
 import math
 import os
-import re
-import shlex
-import shutil
-import statistics
-import subprocess
 import sys
 import time
 from functools import partial
@@ -55,7 +50,8 @@ import data
 import fp16
 import train
 from plumbing import cli
-from plumbing.checkpoints import load_pretrained
+from tools import experiment_runs as runner
+from tools.experiment_runs import command, load_json, omp_threads, rel, task_tag, write_json
 
 SCALES = {
     # sizes measured on a shared 2-core CPU with one thread: hidden 64/128/256 at batch 32 x 64 take about
@@ -73,22 +69,6 @@ SCALES = {
                 triton="on", eval_rows=64, eval_seq=256, eval_windows=64),
 }
 RULE_NAMES = {"none": "fixed", "linear": "linear", "sqrt": "sqrt"}
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def rel(path):
-    """The path as the commands (run in the repo root) name it: relative to the root when it lies inside the
-    root or was given relative (the defaults' ../shared/...), else absolute (a temporary folder: it then means
-    the same from any working directory)."""
-    full = os.path.abspath(path)
-    try:
-        r = os.path.relpath(full, ROOT)
-    except ValueError:  # another Windows drive
-        return full
-    inside = r != os.pardir and not r.startswith(os.pardir + os.sep)
-    return r if inside or not os.path.isabs(path) else full
 
 
 def csv_list(s, kind=str):
@@ -138,77 +118,7 @@ def mchars(n):
     return f"{n / 1e6:g}M"
 
 
-def omp_threads(a):
-    """The OMP_NUM_THREADS the runs see: --threads, else the one inherited (None: torch's default)."""
-    return str(a.threads) if a.threads else os.environ.get("OMP_NUM_THREADS")
-
-
-def command(argv, a):
-    env = f"OMP_NUM_THREADS={omp_threads(a)} " if omp_threads(a) else ""
-    return env + shlex.join(["python", *map(str, argv)])
-
-
-def load_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def code_version():
-    """sha1 prefixes of the files a run executes: another edit of them mid-sweep shows up in the tables."""
-    out = {}
-    for name in ("mlstm.py", "train.py", "fp16.py", "data.py", "distributed.py", "fast/loop.py",
-                 "fast/kernels.py"):
-        with open(os.path.join(ROOT, name), "rb") as f:
-            out[name] = hashlib.sha1(f.read()).hexdigest()[:10]
-    return out
-
-
-def read_metrics(path):
-    events = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    events.append(json.loads(line))
-                except ValueError:
-                    pass
-    return events
-
-
-# ---------------------------------------------------------------- the held-out evaluator (--bpc)
-
-
-def heldout_bpc(checkpoint, rows=16, seq=256, windows=32, split="test", device="cpu", log=lambda *_: None):
-    """BPC of a train.py checkpoint (fp32) on `rows` streams x `windows` windows of `seq` bytes of its corpus'
-    `split`, state carried (train.evaluate). Fewer rows when the split is small; the corpus is prepared first
-    if its cache is gone (log: its progress). -> dict(bpc, chars, ...)."""
-    model, cfg = load_pretrained(checkpoint, device)
-    try:
-        where = [cfg[k] for k in ("data", "cache_dir", "text_field", "val_frac", "test_frac")]
-    except KeyError as e:
-        raise SystemExit(f"error: {checkpoint}: its config has no {e}: not from train.py") from None
-    corpus = data.resolve(*where, log=log)
-    path = os.path.join(corpus, split + ".bin")
-    rows = min(rows, os.path.getsize(path) // (seq + 1))
-    if rows < 1:
-        raise SystemExit(f"error: {path} is too small for one window of {seq + 1} bytes; lower --eval-seq")
-    loader = data.ByteLoader(path, rows, seq)
-    n = min(windows, loader.steps_per_epoch)
-    bpc = train.evaluate(model.float().eval(), loader, n, device)
-    return dict(bpc=bpc, chars=rows * n * seq, rows=rows, seq=seq, windows=n, split=split,
-                params=sum(p.numel() for p in model.parameters()))
-
-
-# ---------------------------------------------------------------- the plan
+# ---------------------------------------------------------------- the plan: which runs make which table
 
 
 class Run:
@@ -239,187 +149,31 @@ class Run:
 
 
 def plan(a):
-    """{experiment: [Run]} for the experiments in --only; identical configurations are one Run object."""
+    """{experiment: [Run]} for the experiments in --only, each table's runs as data: (hidden, batch, characters,
+    rule, base lr, dtype, transfer tasks). Identical configurations are one Run; at batch 128 every rule is its
+    base lr, so the rules with one base lr are one run there."""
+    rule, lr = a.size_lr
+    tables = {"size": [(h, a.size_batch, a.chars, rule, lr, a.train_dtype, a.size_tasks) for h in a.hidden_sizes],
+              # rules x batches: lr_grid reads them back in this order
+              "lr": [(a.lr_hidden, b, a.lr_chars, r, l, a.train_dtype, a.lr_tasks) for r, l in a.rules for b in a.batches],
+              "precision": [(a.precision_hidden, a.size_batch, a.chars, rule, lr, d, []) for d in a.dtypes]}
     runs, exps = {}, {}
-
-    def get(exp, tasks, hidden, batch, chars, rule, lr, dtype):
-        if train.scaled_lr(lr, rule, batch) == lr:  # at batch 128 every rule is its base lr: one run for all
-            rule = "none"
-        r = Run(a, hidden, batch, chars, rule, lr, dtype)
-        r = runs.setdefault(r.name, r)
-        r.tasks += [t for t in tasks if t not in r.tasks]
-        exps.setdefault(exp, []).append(r)
-        return r
-
-    size_rule, size_lr = a.size_lr
     for exp in a.only:
-        if exp == "size":
-            for h in a.hidden_sizes:
-                get("size", a.size_tasks, h, a.size_batch, a.chars, size_rule, size_lr, a.train_dtype)
-        elif exp == "lr":
-            for rule, lr in a.rules:
-                for b in a.batches:
-                    # exps["lr"] in the order rules x batches, a run shared by rules once per rule (lr_grid)
-                    r = get("lr", a.lr_tasks, a.lr_hidden, b, a.lr_chars, rule, lr, a.train_dtype)
-                    r.rules.append((rule, lr))
-        elif exp == "precision":
-            for d in a.dtypes:
-                get("precision", [], a.precision_hidden, a.size_batch, a.chars, size_rule, size_lr, d)
+        for hidden, batch, chars, r, l, dtype, tasks in tables[exp]:
+            run = Run(a, hidden, batch, chars, "none" if train.scaled_lr(l, r, batch) == l else r, l, dtype)
+            run = runs.setdefault(run.name, run)
+            run.tasks += [t for t in tasks if t not in run.tasks]
+            run.rules += [(r, l)] if exp == "lr" else []
+            exps.setdefault(exp, []).append(run)
     return runs, exps
 
 
-# ---------------------------------------------------------------- running
+def lr_grid(a, exps):
+    """{(RULE, BASE_LR, batch): Run} of the lr experiment, from plan's order (rules x batches)."""
+    return dict(zip([(rule, lr, b) for rule, lr in a.rules for b in a.batches], exps["lr"]))
 
 
-def subprocess_env(a):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if a.threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = omp_threads(a)
-    return env
-
-
-def run_logged(argv, log_path, a):
-    """python ARGV in the repo root, its output to log_path. -> (exit code, wall seconds, the output)."""
-    t0 = time.time()
-    with open(log_path, "w") as log:
-        p = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=subprocess_env(a),
-                           stdout=log, stderr=subprocess.STDOUT)
-    wall = time.time() - t0
-    with open(log_path, errors="replace") as f:
-        return p.returncode, wall, f.read()
-
-
-def same_argv(x, y):
-    """Equal command lines, paths compared by the file they name (../shared/d and /work/shared/d are one)."""
-    def norm(v):
-        return os.path.realpath(v) if os.path.exists(v) else v
-    return len(x) == len(y) and all(norm(str(p)) == norm(str(q)) for p, q in zip(x, y))
-
-
-def train_run(r, a):
-    """Train r unless its run.json says it finished (ok or diverged) with the same argv (paths compared by what
-    they name) and thread count (the wall time and chars/s depend on it); a finished run of another command is
-    moved aside, never deleted. -> run.json's dict, with the command as run."""
-    done = os.path.join(r.dir, "run.json")
-    got = load_json(done)
-    if got and got.get("threads") == omp_threads(a) and same_argv(got.get("argv", []), r.argv):
-        return got
-    if got:  # finished under another command: kept, not deleted
-        aside = f"{r.dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(r.dir, aside)
-        print(f"train {r.name}: its finished run had another command ({got.get('command')}); moved to {aside}",
-              flush=True)
-    shutil.rmtree(r.dir, ignore_errors=True)  # an interrupted run: start afresh
-    os.makedirs(r.dir)
-    print(f"train {r.name}: {r.iters} steps ...", flush=True)
-    code = code_version()
-    rc, wall, text = run_logged(r.argv, os.path.join(r.dir, "train.log"), a)
-    div = re.search(r"error: training diverged at step (\d+) \(loss ([^,]+),", text)
-    res = dict(argv=[str(x) for x in r.argv], threads=omp_threads(a), command=command(r.argv, a), rc=rc,
-               wall_s=round(wall, 2), status="ok" if rc == 0 else "div" if div else "failed", code=code)
-    if div:
-        res.update(diverged_step=int(div.group(1)), diverged_loss=div.group(2))
-    print(f"train {r.name}: {res['status']} in {wall:.0f}s" + (f" (diverged at step {div.group(1)})" if div else ""),
-          flush=True)
-    if res["status"] == "failed":  # not recorded as finished: a rerun tries again
-        print("  " + "\n  ".join(text.strip().splitlines()[-8:]), file=sys.stderr, flush=True)
-        return res
-    write_json(done, res)
-    return res
-
-
-def eval_run(r, a):
-    """r's held-out BPC, unless its heldout.json was asked with the same settings. -> heldout.json's dict, with
-    the command of the evaluation as run (heldout_bpc lowers rows and windows to what the test split holds)."""
-    path = os.path.join(r.dir, "heldout.json")
-    want = dict(rows=a.eval_rows, seq=a.eval_seq, windows=a.eval_windows, split="test", device=a.device)
-    got = load_json(path)
-    if got is None or got.get("requested") != want:
-        t0 = time.time()
-        got = heldout_bpc(r.ckpt, **want)
-        argv = ["tools/experiments.py", "--bpc", rel(r.ckpt), "--eval-rows", got["rows"], "--eval-seq", got["seq"],
-                "--eval-windows", got["windows"], "--device", a.device]
-        got.update(requested=want, command=command(argv, a), wall_s=round(time.time() - t0, 2))
-        write_json(path, got)
-        print(f"bpc {r.name}: {got['bpc']:.3f} on {got['chars']} held-out chars", flush=True)
-    return got
-
-
-def task_tag(a, task):
-    """sst2, imdb, or with a --limit e.g. imdb-l1000: names a run's transfer results."""
-    limit = a.sst2_limit if task == "sst2" else a.imdb_limit
-    return f"{task}-l{limit}" if limit else task
-
-
-def transfer_argv(r, task, a, full_baseline):
-    limit, tag = a.sst2_limit if task == "sst2" else a.imdb_limit, task_tag(a, task)
-    argv = ["transfer.py", "--checkpoint", rel(r.ckpt), "--task", task,
-            "--data-dir", a.sst2_dir if task == "sst2" else a.imdb_dir, "--device", a.device,
-            "--out", rel(os.path.join(r.dir, "transfer-" + tag)), "--json", rel(os.path.join(r.dir, tag + ".json"))]
-    if limit:
-        argv += ["--limit", limit]
-    if not full_baseline:
-        argv += ["--bow-vocab", 0]
-    return argv
-
-
-def transfer_run(r, task, a):
-    """transfer.py on r's checkpoint, unless its JSON exists. -> (results dict or None, command)."""
-    tag = task_tag(a, task)
-    base_path = os.path.join(a.out, f"baseline-{tag}.json")
-    result_path = os.path.join(r.dir, tag + ".json")
-    old = load_json(os.path.join(r.dir, tag + ".cmd.json"))
-    if old and os.path.isfile(result_path):
-        return load_json(result_path), old["command"]
-    full = not os.path.isfile(base_path)
-    argv = transfer_argv(r, task, a, full)
-    print(f"transfer {r.name} {tag} ...", flush=True)
-    rc, wall, text = run_logged(argv, os.path.join(r.dir, tag + ".log"), a)
-    res = load_json(result_path)
-    if rc != 0 or res is None:
-        tail = text.strip().splitlines()[-6:]
-        print(f"transfer {r.name} {tag}: failed (rc {rc})\n  " + "\n  ".join(tail), file=sys.stderr)
-        return None, command(argv, a)
-    cmd = command(argv, a)
-    write_json(os.path.join(r.dir, tag + ".cmd.json"), dict(command=cmd, wall_s=round(wall, 2)))
-    if full:
-        write_json(base_path, dict(command=cmd, baseline=res["baseline"], bow_vocab=2000, run=r.name))
-    print(f"transfer {r.name} {tag}: test acc {res['test_acc']:.3f}, neuron {res['neuron_test_acc']:.3f} "
-          f"({wall:.0f}s)", flush=True)
-    return res, cmd
-
-
-def collect(r, a, status, heldout, transfers):
-    """One run's record for results.json: settings, status, curve, BPCs, transfer accuracies, commands."""
-    ev = read_metrics(os.path.join(r.dir, "metrics.jsonl"))
-    steps = [e for e in ev if "loss" in e]
-    speeds = [e["chars_per_s"] for e in steps[1:]] or [e["chars_per_s"] for e in steps]
-    rec = dict(name=r.name, hidden=r.hidden, batch=r.batch, seq_len=r.seq, chars=r.chars, iters=r.iters,
-               rule=r.rule, base_lr=r.lr, peak_lr=r.peak_lr(), dtype=r.dtype,
-               epochs=r.chars / a.train_bytes if a.train_bytes else None,
-               status=status.get("status"), diverged_step=status.get("diverged_step"), code=status.get("code"),
-               train_wall_s=status.get("wall_s"), chars_per_s=statistics.median(speeds) if speeds else None,
-               train_bpc=steps[-1]["bpc"] if steps else None,
-               train_val_bpc=next((e["val_bpc"] for e in reversed(ev) if "val_bpc" in e), None),
-               train_test_bpc=next((e["test_bpc"] for e in reversed(ev) if "test_bpc" in e), None),
-               heldout_bpc=heldout and heldout["bpc"], heldout_chars=heldout and heldout["chars"],
-               heldout_shape=heldout and f"{heldout['rows']} streams x {heldout['windows']} windows x "
-                                         f"{heldout['seq']} bytes",
-               params=heldout and heldout["params"],
-               curve=[[e["step"], e["bpc"], e["lr"]] for e in steps],
-               commands={"train": status["command"]})
-    if heldout:
-        rec["commands"]["bpc"] = heldout["command"]
-    rec["transfer"] = {}
-    for tag, (res, cmd) in transfers.items():
-        rec["commands"][tag] = cmd
-        if res:
-            rec["transfer"][tag] = {k: res[k] for k in ("test_acc", "val_acc", "neuron", "neuron_test_acc", "C",
-                                                          "nonzero", "featurize")}
-    return rec
-
-
-# ---------------------------------------------------------------- tables and the plot
+# ---------------------------------------------------------------- the tables: columns as data, one builder
 
 
 def f3(x):
@@ -431,27 +185,13 @@ def pct(x):
 
 
 def bpc_cell(rec, key="heldout_bpc"):
-    if rec["status"] == "div":
-        return f"**Div** (step {rec['diverged_step']})"
-    if rec["status"] != "ok":
-        return "failed"
-    return f3(rec[key])
+    return f"**Div** (step {rec['diverged_step']})" if rec["status"] == "div" else \
+        "failed" if rec["status"] != "ok" else f3(rec[key])
 
 
 def acc_cell(rec, tag):
     t = rec["transfer"].get(tag)
-    if rec["status"] == "div":
-        return "Div"
-    return "–" if not t else f"{pct(t['test_acc'])} / {pct(t['neuron_test_acc'])}"
-
-
-def cmd_cell(rec, keys=None):
-    """The commands behind a row: all of them, or those of `keys` (e.g. train and bpc only)."""
-    return "<br>".join(f"`{c}`" for k, c in rec["commands"].items() if keys is None or k in keys)
-
-
-def task_tags(a, tasks):
-    return [task_tag(a, t) for t in tasks]
+    return "Div" if rec["status"] == "div" else "–" if not t else f"{pct(t['test_acc'])} / {pct(t['neuron_test_acc'])}"
 
 
 def tag_title(tag):
@@ -459,112 +199,91 @@ def tag_title(tag):
     return {"sst2": "SST-2", "imdb": "IMDB"}[task] + (f" (≤{limit}/split)" if limit else "")
 
 
-def baselines_md(a, tags):
-    lines = []
-    for tag in tags:
-        b = load_json(os.path.join(a.out, f"baseline-{tag}.json"))
-        if b:
-            lines.append(f"- {tag_title(tag)} bag-of-words baseline (transfer.py's, {b['bow_vocab']} words + L1, "
-                         f"same splits): test {pct(b['baseline']['test_acc'])}%, from `{b['command']}`")
-    return lines
-
-
-def code_note(runs):
-    """A warning line when the runs of one table were trained by different versions of the code."""
-    versions = {json.dumps(x["code"], sort_keys=True) for x in runs}
-    if len(versions) < 2:
-        return []
-    return [f"Note: these runs were trained by {len(versions)} versions of the code (files edited during the "
-            f"sweep; sha1 prefixes per run in results.json `code`, none: not recorded)."]
-
-
 def md_row(cells):
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
-def acc_titles(tags):
-    return [f"{tag_title(t)} all / neuron" for t in tags]
+def md_table(columns, items):
+    """A Markdown table, one row per item: columns = [(title, right-aligned, cell(item))]."""
+    return [md_row([title for title, _, _ in columns]), "|" + "".join("---:|" if right else "---|"
+                                                                       for _, right, _ in columns),
+            *(md_row([cell(x) for _, _, cell in columns]) for x in items)]
+
+
+def columns(tags, first, commands=None, last=()):
+    """The columns the run tables share: `first`, steps, the BPCs, the accuracies of `tags`, wall s, `last`, the
+    commands (those named in `commands`, or all)."""
+    return [*first, ("steps", 1, lambda x: x["iters"]), ("train BPC (last log)", 1, lambda x: bpc_cell(x, "train_bpc")),
+            ("held-out BPC", 1, bpc_cell), *((f"{tag_title(t)} all / neuron", 1, lambda x, t=t: acc_cell(x, t))
+                                              for t in tags),
+            ("wall s", 1, lambda x: f"{x['train_wall_s'] or 0:.0f}"), *last,
+            ("commands", 0, lambda x: "<br>".join(f"`{c}`" for k, c in x["commands"].items()
+                                                 if commands is None or k in commands))]
+
+
+def notes(a, tags, runs):
+    """The baselines of `tags` and a warning when the runs were trained by different versions of the code."""
+    lines = []
+    for tag in tags:
+        if b := load_json(os.path.join(a.out, f"baseline-{tag}.json")):
+            lines.append(f"- {tag_title(tag)} bag-of-words baseline (transfer.py's, {b['bow_vocab']} words + L1, "
+                         f"same splits): test {pct(b['baseline']['test_acc'])}%, from `{b['command']}`")
+    if len({json.dumps(x["code"], sort_keys=True) for x in runs}) > 1:
+        lines.append(f"Note: these runs were trained by {len({json.dumps(x['code'], sort_keys=True) for x in runs})} "
+                     f"versions of the code (files edited during the sweep; sha1 prefixes per run in results.json "
+                     f"`code`, none: not recorded).")
+    return lines
 
 
 def tables(a, exps, recs, meta):
     what = "IMDB's unlabelled + training reviews (never its test reviews), " if "aclImdb" in a.data else ""
     shapes = "; ".join(sorted({x["heldout_shape"] for x in recs.values() if x["heldout_shape"]})) or "no run evaluated"
+    epochs = lambda chars: f"{chars / meta['train_bytes']:.3f} epochs"  # noqa: E731
     md = [f"# Experiments ({a.scale} scale)", "",
-          f"Corpus: {what}`{a.data}`, prepared into "
-          f"`{meta['corpus']}`: train {meta['train_bytes'] / 1e6:.1f} MB, held-out test split "
-          f"{meta['test_bytes'] / 1e6:.2f} MB. Device {a.device}, {omp_threads(a) or 'default'} thread(s), "
-          f"torch {meta['torch']}. Held-out BPC: `tools/experiments.py --bpc` (fp32 weights, test split, "
-          f"{shapes}, the same text for every run). "
-          f"Transfer: `transfer.py`, test accuracy in % of the L1 logistic regression on all cell units / of "
-          f"the single sentiment neuron. Chance is 50%.", ""]
+          f"Corpus: {what}`{a.data}`, prepared into `{meta['corpus']}`: train {meta['train_bytes'] / 1e6:.1f} MB, "
+          f"held-out test split {meta['test_bytes'] / 1e6:.2f} MB. Device {a.device}, {omp_threads(a) or 'default'} "
+          f"thread(s), torch {meta['torch']}. Held-out BPC: `tools/experiments.py --bpc` (fp32 weights, test split, "
+          f"{shapes}, the same text for every run). Transfer: `transfer.py`, test accuracy in % of the L1 logistic "
+          f"regression on all cell units / of the single sentiment neuron. Chance is 50%.", ""]
     if "size" in exps:
-        runs = [recs[r.name] for r in exps["size"]]
-        tags = task_tags(a, a.size_tasks)
-        md += ["## 1. Model size", "",
-               f"Same budget for every size: {mchars(a.chars)} characters "
-               f"({a.chars / meta['train_bytes']:.3f} epochs), batch {a.size_batch} x {a.seq_len}, "
-               f"lr {rule_label(*a.size_lr)}, {a.train_dtype}.", "",
-               md_row(["hidden", "params", "steps", "train BPC (last log)", "held-out BPC", *acc_titles(tags),
-                       "wall s", "commands"]),
-               "|---:|---:|---:|---:|---:|" + "---:|" * len(tags) + "---:|---|"]
-        for x in runs:
-            md.append(md_row([x["hidden"], f"{(x['params'] or 0) / 1e6:.3f}M", x["iters"], bpc_cell(x, "train_bpc"),
-                              bpc_cell(x), *(acc_cell(x, t) for t in tags), f"{x['train_wall_s'] or 0:.0f}",
-                              cmd_cell(x)]))
-        md += [""] + baselines_md(a, tags) + code_note(runs) + [""]
+        runs, tags = [recs[r.name] for r in exps["size"]], [task_tag(a, t) for t in a.size_tasks]
+        first = (("hidden", 1, lambda x: x["hidden"]), ("params", 1, lambda x: f"{(x['params'] or 0) / 1e6:.3f}M"))
+        md += ["## 1. Model size", "", f"Same budget for every size: {mchars(a.chars)} characters "
+               f"({epochs(a.chars)}), batch {a.size_batch} x {a.seq_len}, lr {rule_label(*a.size_lr)}, "
+               f"{a.train_dtype}.", "", *md_table(columns(tags, first), runs), "", *notes(a, tags, runs), ""]
     if "lr" in exps:
         shared = list(dict.fromkeys(exps["lr"]))  # each training run once
-        runs = [recs[r.name] for r in shared]
-        tags = task_tags(a, a.lr_tasks)
+        runs, tags, grid = [recs[r.name] for r in shared], [task_tag(a, t) for t in a.lr_tasks], lr_grid(a, exps)
+
+        def cell(rule, lr, b):  # the summary's: held-out BPC, and the first task's accuracy
+            x = recs[grid[rule, lr, b].name]
+            t = x["transfer"].get(tags[0]) if tags and x["status"] == "ok" else None
+            return bpc_cell(x) + (f" / {pct(t['test_acc'])}" if t else "")
+        summary = [("rule", 0, lambda rl: rule_label(*rl)),
+                   *((f"batch {b}", 1, lambda rl, b=b: cell(*rl, b)) for b in a.batches)]
+        first = (("batch", 1, lambda x: x["batch"]),
+                 ("rule", 0, lambda x: " = ".join(rule_label(*k) for k in dict.fromkeys(x["rules"]))),
+                 ("peak lr", 1, lambda x: f"{x['peak_lr']:.3g}"))
+        detail = [dict(recs[r.name], rules=r.rules) for r in sorted(shared, key=lambda r: (r.batch,
+                                                                                         a.rules.index(r.rules[0])))]
         md += ["## 2. Learning-rate rules at growing batch", "",
                f"Hidden {a.lr_hidden}, sequence {a.seq_len}, the same {mchars(a.lr_chars)} characters "
-               f"({a.lr_chars / meta['train_bytes']:.3f} epochs) at every batch, {a.train_dtype}, linear decay to "
-               f"0, no warmup, clip 1. The base lr is the rate at batch 128 (train.py `--lr`), scaled by "
-               f"`--lr-rule`. Cells: held-out BPC"
+               f"({epochs(a.lr_chars)}) at every batch, {a.train_dtype}, linear decay to 0, no warmup, clip 1. The "
+               f"base lr is the rate at batch 128 (train.py `--lr`), scaled by `--lr-rule`. Cells: held-out BPC"
                + (f" / {tag_title(tags[0])} accuracy all units" if tags else "")
                + "; **Div**: train.py stopped the run as diverged. Commands in the detail table below.", "",
-               md_row(["rule", *(f"batch {b}" for b in a.batches)]),
-               "|---|" + "---:|" * len(a.batches)]
-        grid = lr_grid(a, exps)
-        for rule, lr in a.rules:
-            cells = []
-            for b in a.batches:
-                x = recs[grid[rule, lr, b].name]
-                c = bpc_cell(x)
-                if x["status"] == "ok" and tags and x["transfer"].get(tags[0]):
-                    c += f" / {pct(x['transfer'][tags[0]]['test_acc'])}"
-                cells.append(c)
-            md.append(md_row([rule_label(rule, lr), *cells]))
-        md += ["", md_row(["batch", "rule", "peak lr", "steps", "train BPC (last log)", "held-out BPC",
-                           *acc_titles(tags), "wall s", "commands"]),
-               "|---:|---|---:|---:|---:|---:|" + "---:|" * len(tags) + "---:|---|"]
-        for r in sorted(shared, key=lambda r: (r.batch, a.rules.index(r.rules[0]))):
-            x = recs[r.name]
-            md.append(md_row([x["batch"], " = ".join(rule_label(*k) for k in dict.fromkeys(r.rules)),
-                              f"{x['peak_lr']:.3g}", x["iters"],
-                              bpc_cell(x, "train_bpc"), bpc_cell(x), *(acc_cell(x, t) for t in tags),
-                              f"{x['train_wall_s'] or 0:.0f}", cmd_cell(x)]))
-        md += [""] + baselines_md(a, tags) + code_note(runs) + ["", meta.get("plot_note", ""), ""]
+               *md_table(summary, a.rules), "", *md_table(columns(tags, first), detail), "",
+               *notes(a, tags, runs), "", meta.get("plot_note", ""), ""]
     if "precision" in exps:
         runs = [recs[r.name] for r in exps["precision"]]
+        speed = (("chars/s", 1, lambda x: f"{(x['chars_per_s'] or 0):,.0f}"),)
+        table = md_table(columns([], (("dtype", 0, lambda x: x["dtype"]),), ("train", "bpc"), speed), runs)
         md += ["## 3. Precision", "",
                f"Hidden {a.precision_hidden}, batch {a.size_batch} x {a.seq_len}, {mchars(a.chars)} characters, "
-               f"lr {rule_label(*a.size_lr)}; fp16/bf16: half-precision compute with fp32 master "
-               f"weights (fp16.py), fp16 with dynamic loss scaling. Wall: the train.py process, start to end; "
-               f"chars/s: median over the log intervals.", "",
-               "| dtype | steps | train BPC (last log) | held-out BPC | wall s | chars/s | commands |",
-               "|---|---:|---:|---:|---:|---:|---|"]
-        for x in runs:
-            md.append(md_row([x["dtype"], x["iters"], bpc_cell(x, "train_bpc"), bpc_cell(x),
-                              f"{x['train_wall_s'] or 0:.0f}", f"{(x['chars_per_s'] or 0):,.0f}",
-                              cmd_cell(x, ("train", "bpc"))]))
-        md += [""] + code_note(runs) + [""]
+               f"lr {rule_label(*a.size_lr)}; fp16/bf16: half-precision compute with fp32 master weights (fp16.py), "
+               f"fp16 with dynamic loss scaling. Wall: the train.py process, start to end; chars/s: median over the "
+               f"log intervals.", "", *table, "", *notes(a, [], runs), ""]
     return "\n".join(md) + "\n"
-
-
-def lr_grid(a, exps):
-    """{(RULE, BASE_LR, batch): Run} of the lr experiment, from plan's order (rules x batches)."""
-    return dict(zip([(rule, lr, b) for rule, lr in a.rules for b in a.batches], exps["lr"]))
 
 
 def plot_lr(a, exps, recs, path):
@@ -706,7 +425,8 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     if a.bpc:
         progress = partial(print, file=sys.stderr, flush=True)  # stdout: the JSON line alone
-        print(json.dumps(heldout_bpc(a.bpc, a.eval_rows, a.eval_seq, a.eval_windows, device=a.device, log=progress)))
+        print(json.dumps(runner.heldout_bpc(a.bpc, a.eval_rows, a.eval_seq, a.eval_windows, device=a.device,
+                                            log=progress)))
         return None
     runs, exps = plan(a)
     if a.dry_run:
@@ -722,16 +442,13 @@ def main(argv=None):
     meta = dict(corpus=rel(corpus), train_bytes=a.train_bytes, test_bytes=corpus_meta["bytes"]["test"],
                 torch=torch.__version__)
     os.makedirs(a.out, exist_ok=True)
-    status = {name: train_run(r, a) for name, r in runs.items()}  # all training first, then evaluation
+    status = {name: runner.train_run(r, a) for name, r in runs.items()}  # all training first, then evaluation
     recs = {}
     for name, r in runs.items():
         ok = status[name]["status"] == "ok"
-        heldout = eval_run(r, a) if ok else None
-        transfers = {}
-        for task in r.tasks if ok else []:
-            tag = task_tags(a, [task])[0]
-            transfers[tag] = transfer_run(r, task, a)
-        recs[name] = collect(r, a, status[name], heldout, transfers)
+        heldout = runner.eval_run(r, a) if ok else None
+        transfers = {task_tag(a, t): runner.transfer_run(r, t, a) for t in (r.tasks if ok else [])}
+        recs[name] = runner.collect(r, a, status[name], heldout, transfers)
     if "lr" in exps:
         meta["plot_note"] = plot_lr(a, exps, recs, os.path.join(a.out, "lr_rules.png"))
     wall = time.time() - t_start
@@ -739,8 +456,8 @@ def main(argv=None):
     compute = sum(s.get("wall_s", 0) for s in status.values())
     for r in runs.values():
         compute += (load_json(os.path.join(r.dir, "heldout.json")) or {}).get("wall_s", 0)
-        for tag in task_tags(a, r.tasks):
-            compute += (load_json(os.path.join(r.dir, tag + ".cmd.json")) or {}).get("wall_s", 0)
+        for t in r.tasks:
+            compute += (load_json(os.path.join(r.dir, task_tag(a, t) + ".cmd.json")) or {}).get("wall_s", 0)
     meta.update(invocation_wall_s=round(wall, 1), compute_wall_s=round(compute, 1))
     md = tables(a, exps, recs, meta)
     md += (f"\nSweep: {len(runs)} training runs; compute {compute / 60:.1f} min (train + held-out BPC + transfer, "
