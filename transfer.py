@@ -30,8 +30,6 @@ histogram.txt (+ .png) (plumbing/reports.py). The labelled files are read by plu
 plumbing/checkpoints.py, the baseline's word counts made by plumbing/baseline.py.
 """
 import argparse
-import heapq
-import json
 import os
 import sys
 import time
@@ -92,85 +90,19 @@ def features(states, lens, feature):
     return torch.cat([pool(states[state], lens, how) for state, how in FEATURES[feature]], 1)
 
 
-def schedule(lengths, rows):
-    """How `rows` rows read texts of `lengths` bytes one after another: longest first, each to the row free
-    soonest. -> (rows used, row and first step of each text; -1 for an empty text), the rows numbered by how
-    long they read (row 0 the longest), so that the rows still reading at any step are a prefix."""
-    order = [int(i) for i in np.argsort(-lengths, kind="stable") if lengths[i] > 0]
-    rows = min(rows, len(order))
-    free = [(0, r) for r in range(rows)]  # (the step a row is free from, the row): a heap
-    row, first = np.full(len(lengths), -1), np.zeros(len(lengths), dtype=np.int64)
-    for i in order:
-        first[i], row[i] = heapq.heappop(free)
-        heapq.heappush(free, (first[i] + int(lengths[i]), row[i]))
-    ends = np.zeros(rows, dtype=np.int64)
-    ends[[r for _, r in free]] = [t for t, _ in free]
-    rank = np.empty(rows, dtype=np.int64)
-    rank[np.argsort(-ends, kind="stable")] = np.arange(rows)
-    row[row >= 0] = rank[row[row >= 0]]
-    return rows, row, first
-
-
 @torch.inference_mode()
 def featurize(model, byte_strings, feature="cell", batch_size=64, progress=None):
     """[N, D] features of `byte_strings` (D = H per pool), or {name: [N, D]} for a tuple of names, all in one
-    pass: computed on the model's device in its dtype, returned as float32 numpy arrays. They are `pool` of the
-    states of mlstm.cell's loop over each text, computed as it reads (fast/inference.py's step, tested equal):
-    each step updates a running sum and max, and no [B, T, H] sequence of states is kept.
-
-    `batch_size` rows read at once, each its own text from a zero state; a row whose text ends takes the next
-    one (`schedule`), so that the matrix products stay as tall as the batch until the texts run out, and no
-    padding is read. progress(texts_done, bytes_done, final) hears as texts finish."""
+    pass: computed on the model's device in its dtype, returned as float32 numpy arrays. They are `pool`s of the
+    states of mlstm.cell's loop over each text, computed as it reads by fast/inference.py (tested equal to
+    `features` of model.rnn's states): `batch_size` rows at once, each its own text from a zero state, a row
+    refilled with the next text as its own ends, no padding read and no [B, T, H] states kept.
+    progress(texts_done, bytes_done, final) hears as texts finish."""
     names = (feature,) if isinstance(feature, str) else tuple(feature)
     if unknown := [f for f in names if f not in FEATURES]:
         raise ValueError(f"feature must be one of {tuple(FEATURES)}, not {unknown[0]!r}")
     pools = list(dict.fromkeys(sp for f in names for sp in FEATURES[f]))  # (state, pool) pairs
-    dev, H, N = model.wh.device, model.hidden, len(byte_strings)
-    lengths = np.array([len(b) for b in byte_strings], dtype=np.int64)
-    rows, row, first = schedule(lengths, batch_size)
-    last = first + lengths - 1  # the step of each text's last byte
-    steps = int(last.max(initial=-1)) + 1
-    ids = np.zeros((steps, rows), dtype=np.uint8)  # the byte each row reads at each step
-    for i in np.flatnonzero(row >= 0):
-        ids[first[i] : last[i] + 1, row[i]] = np.frombuffer(byte_strings[i], dtype=np.uint8)
-    reading = np.searchsorted(-np.sort(np.bincount(row[row >= 0], weights=lengths[row >= 0], minlength=rows))[::-1]
-                              if rows else [], -np.arange(steps), side="left")  # rows still reading at each step
-    done = np.flatnonzero(row >= 0)[np.argsort(last[row >= 0], kind="stable")]  # texts by the step they end
-    at = np.searchsorted(last[done], np.arange(steps + 1))  # done[at[t]:at[t + 1]] end at step t
-    who, where = torch.from_numpy(done).to(dev), torch.from_numpy(row[done]).to(dev)
-    n = torch.from_numpy(lengths[done]).to(dev, torch.float32)[:, None]
-
-    wx, wh, wmx, wmh = model.weights()
-    emb = model.embed.weight
-    # The input side of all 256 bytes, once: a step reads two rows of these instead of two products.
-    xm_all, xz_all = emb @ wmx, torch.addmm(model.b, emb, wx)  # [256, H], [256, 4H]
-    h, c = torch.zeros(rows, H, device=dev, dtype=wh.dtype), torch.zeros(rows, H, device=dev)  # c in float32
-    # running sums and maxima in float32 whatever the model's dtype (a bf16 sum of a thousand steps loses digits)
-    acc = {sp: torch.full((rows, H), -torch.inf if sp[1] == "max" else 0.0, device=dev) for sp in pools
-           if sp[1] != "last"}
-    out = {sp: torch.zeros(N, H, device=dev) for sp in pools}
-    told = 0
-    for t in range(steps):
-        a = int(reading[t])
-        x = torch.from_numpy(ids[t, :a]).to(dev, torch.int64)
-        h, c = inference.step(xm_all, xz_all, x, h[:a], c[:a], wh, wmh)
-        states = {"c": c, "h": h.float() if any(s == "h" for s, _ in pools) else None}
-        for (state, how), buf in acc.items():
-            v, buf = states[state], buf[:a]
-            buf.add_(v) if how == "mean" else torch.maximum(buf, v, out=buf)
-        if at[t + 1] == at[t]:
-            continue
-        k = slice(at[t], at[t + 1])  # the texts that end now, and their rows
-        for state, how in pools:  # their features; then the rows start afresh (zero state, empty pools)
-            v = (states[state] if how == "last" else acc[state, how]).index_select(0, where[k])
-            out[state, how].index_copy_(0, who[k], v / n[k] if how == "mean" else v)
-        for buf in (h, c, *(acc[sp] for sp in acc if sp[1] == "mean")):
-            buf.index_fill_(0, where[k], 0.0)
-        for sp in (sp for sp in acc if sp[1] == "max"):
-            acc[sp].index_fill_(0, where[k], -torch.inf)
-        if progress and (at[t + 1] - told >= batch_size or t == steps - 1):
-            told = at[t + 1]
-            progress(told, int(lengths[done[:told]].sum()), final=t == steps - 1)
+    out = inference.pooled_states(model, byte_strings, pools, batch_size, progress)
     X = {f: torch.cat([out[sp] for sp in FEATURES[f]], 1).cpu().numpy() for f in names}
     return X[feature] if isinstance(feature, str) else X
 

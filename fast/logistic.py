@@ -119,7 +119,7 @@ def _l1_newton_step(H, g, th, lam, tol, rounds=10, sweeps=15):
     return w - th
 
 
-def fit_l1(X, y, C, init=None, tol=1e-6, max_iter=100, device="cpu"):
+def fit_l1(X, y, C, init=None, tol=1e-6, max_iter=300, device="cpu"):
     """min_{w,b} sum_i logloss_i + ||w||_1 / C: sklearn's L1 LogisticRegression(C) divided by C. Proximal Newton,
     as liblinear's newGLMNET: each step minimises the objective's quadratic model plus the L1 term over a working
     set (the nonzero weights, the bias, and the zeros whose gradient breaks optimality), then backtracks along it
@@ -146,8 +146,9 @@ def fit_l1(X, y, C, init=None, tol=1e-6, max_iter=100, device="cpu"):
         # shapes the step; the gradient and the stopping test stay float64.
         XS32 = XS.float()
         H = (XS32.T @ (XS32 * (p * (1 - p)).float()[:, None])).double()
-        # no zero on the diagonal, which coordinate descent divides by (an all-zero column, saturated rows)
-        H.diagonal().add_(1e-9 * float(H.diagonal().mean()) + 1e-12)
+        # exactly collinear features stay solvable; and no zero on the diagonal, which coordinate descent divides
+        # by, even where every entry is zero (all rows saturated)
+        H.diagonal().add_(1e-9 * float(H.diagonal().mean()) or 1e-12)
         thS, idx = th[S], S.nonzero()[:, 0]
         # the model solved only as well as this step needs: coarsely far from the optimum, finely close to it
         d = _l1_newton_step(H, g[S], thS, lam[S], 0.1 * max(tol * N, 0.1 * float(viol.max())))

@@ -366,3 +366,15 @@ def test_export_writes_fp16_weights_that_load_pretrained_reads(tmp_path, capsys,
     x = torch.randint(0, 256, (2, 32))
     diff = (model(x)[0] - ref(x)[0]).abs().max().item()
     assert diff < 1e-2, f"logits of the fp16-stored model differ from the checkpoint's by {diff:.2e}"
+
+
+def test_the_reference_loop_trains_to_the_same_losses_as_the_fast_one(tmp_path, capsys):
+    """train.py --reference-loop (mlstm.py's loop of `cell` under autograd) against the default (fast/loop.py's
+    hand-written backward): 12 steps from the same seed log the same losses to float32 rounding."""
+    fast = losses(run(tmp_path, "fast", "--iters", "12"))
+    ref = losses(run(tmp_path, "ref", "--iters", "12", "--reference-loop"))
+    diff = max(abs(a - b) for a, b in zip(fast, ref))
+    assert len(fast) == len(ref) == 12 and diff < 1e-5, f"losses differ by {diff:.2e}: {fast} vs {ref}"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--reference-loop", "--recompute", "4"])
+    assert "--reference-loop is mlstm.py's plain loop" in capsys.readouterr().err

@@ -20,7 +20,7 @@ import mlstm
 import train
 import transfer
 from data import DataError
-from fast import logistic
+from fast import inference, logistic
 from plumbing import labeled, reports
 
 
@@ -123,10 +123,16 @@ def test_featurize_equals_the_reference_loop_for_every_pool(batch_size):
     rng = np.random.default_rng(1)
     bs = [bytes(rng.integers(0, 256, int(k)).astype(np.uint8)) for k in (600, 1, 0, 37, 2, 250, 9, 9, 120, 3)]
     got = transfer.featurize(model, bs, tuple(transfer.FEATURES), batch_size=batch_size)
+    x, lens = transfer.padded([b for b in bs if b])  # transfer.pool, the definition, on one padded batch
+    with torch.no_grad():
+        hs, cs, _ = model.rnn(x, return_cells=True)
     for feature in transfer.FEATURES:
         want = reference_features(model, bs, feature)
         diff = np.abs(got[feature] - want).max()
         assert diff < 1e-5, f"{feature}, batch {batch_size}: max |featurize - reference| = {diff:.2e}"
+        pooled = transfer.features({"h": hs, "c": cs}, lens, feature).numpy()
+        diff = np.abs(pooled - want[[k for k, b in enumerate(bs) if b]]).max()
+        assert diff < 1e-5, f"{feature}: max |transfer.features of a padded batch - reference| = {diff:.2e}"
 
 
 def test_featurize_in_bf16_stays_within_bf16s_rounding_of_the_reference():
@@ -144,18 +150,17 @@ def test_featurize_in_bf16_stays_within_bf16s_rounding_of_the_reference():
 
 def test_schedule_keeps_rows_full_and_the_reading_rows_a_prefix():
     lengths = np.array([5, 0, 9, 3, 3, 7, 1, 12, 2])
-    rows, row, first = transfer.schedule(lengths, 3)
+    rows, row, first = inference.schedule(lengths, 3)
     assert rows == 3 and row[1] == -1, (rows, row)
     spans = sorted((row[i], first[i], first[i] + lengths[i]) for i in range(len(lengths)) if lengths[i])
     for (r, _, end), (r2, start, _) in zip(spans, spans[1:]):  # a row's texts follow each other without a gap
         assert r != r2 or start == end, spans
     totals = [max(e for r2, _, e in spans if r2 == r) for r in range(rows)]
     assert totals == sorted(totals, reverse=True) and totals[0] - totals[-1] <= max(lengths), totals
-    assert transfer.schedule(lengths, 100)[0] == 8  # never more rows than texts to read
+    assert inference.schedule(lengths, 100)[0] == 8  # never more rows than texts to read
 
 
 def test_the_featurisation_settings_follow_the_machine(monkeypatch):
-    from fast import inference
     monkeypatch.setattr(inference, "bf16_matrix_units", lambda: ["AMX"])
     dtype, batch, why = inference.settings("cpu")
     assert (dtype, batch) == ("bf16", 256) and "bf16 matrix units: AMX" in why, why

@@ -58,7 +58,7 @@ def report(hist, fates, scales, width=40):
     shift = [math.floor(math.log2(s)) for s in scales]
     fate = lambda e: "inf" if e >= 16 else "normal" if e >= -14 else "subnormal" if e >= -25 else "zero"
     print(f"{n} nonzero gradient values; what fp16 makes of each bin at each loss scale:")
-    print(f"log2|g|    share" + "".join(f" {f'x{s:g}':>11}" for s in scales))
+    print("log2|g|    share" + "".join(f" {f'x{s:g}':>11}" for s in scales))
     for i in range(lo, hi + 1):
         fates_i = "".join(f" {fate(i - 149 + k):>11}" for k in shift)
         bar = "#" * round(width * int(hist[i]) / int(hist.max()))
