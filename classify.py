@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 import data
+from fp16 import DTYPES
 from plumbing import cli, labeled, output_model
 from plumbing.sources import DataError, not_text
-from fp16 import DTYPES
 from transfer import DEVICES, featurize
 
 

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 import classify
 import data
-from data import SPLITS
 import distributed
 import fp16
+from data import SPLITS
 from fast.loop import FastLoop
 from mlstm import MLSTM, loss_fn, model_config
 from plumbing import cli, labeled, output_model
