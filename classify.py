@@ -157,4 +157,5 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     args = parse_args()
     cli.main_guard(lambda: main(args), oom="lower --batch-size or --block",
-                   interrupted="interrupted: " + (f"{args.out} not written" if args.out else "the rows above were written"))
+                   interrupted=f"interrupted: {args.out} not written" if args.out else
+                   "interrupted: the rows above were written")

@@ -271,7 +271,8 @@ def run(a, log=print):
                baseline=base, fits=r["fits"], by_feature={f: dict(fits=per[f]["fits"], **(per[f]["neuron"] or {}))
                                                           for f in a.feature},
                featurize=stats, solver_seconds=round(time.time() - t0, 2), classifier=os.path.abspath(a.classifier))
-    clf = output_model.probe(best, a.dtype, a.batch_size, r["moments"], r["wb"][a.penalty], main["C"], a.penalty, r["neuron"],
+    clf = output_model.probe(best, a.dtype, a.batch_size, r["moments"], r["wb"][a.penalty], main["C"], a.penalty,
+                             r["neuron"],
                              a.checkpoint, model.hidden, {k: res[k] for k in ("task", "train_acc", "val_acc", "test_acc")})
     write_all(a, res, per, clf, B["test"], X["test"][best], y["test"], partial(unit_trace, model), log)
     return res

@@ -27,12 +27,14 @@ from plumbing.checkpoints import load_pretrained, read_checkpoint
 FORMAT = "mlstm-sentiment classifier 1"
 
 
-def sha256(path):
-    """The content hash of a file: what names a language model, wherever it is moved."""
+def sha256(*paths):
+    """The content hash of a file (or of several, their bytes in order): what names a language model, wherever it
+    is moved."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -89,7 +91,8 @@ def probe(feature, dtype, batch_size, moments, wb, C, penalty, neuron, checkpoin
     """transfer.py's output model: logistic regression (w, b) on standardised `feature`s of `checkpoint`, with the
     sentiment neuron of transfer.sentiment_neuron's results."""
     (mu, sd), (w, b) = moments, wb
-    return dict(kind="probe", feature=feature, dtype=dtype, batch_size=batch_size, mean=torch.from_numpy(mu), std=torch.from_numpy(sd),
+    return dict(kind="probe", feature=feature, dtype=dtype, batch_size=batch_size, mean=torch.from_numpy(mu),
+                std=torch.from_numpy(sd),
                 w=torch.from_numpy(w), b=b, C=C, penalty=penalty,
                 neuron=dict(index=neuron["neuron"], unit=neuron["neuron_unit"], state=neuron["neuron_state"],
                             sign=neuron["neuron_sign"], threshold=neuron["neuron_threshold"]),

@@ -89,7 +89,8 @@ def table(per, baseline, bow_vocab, penalty):
     for f, r in per.items():
         rows += [(f"mLSTM {f} + L1", r["fits"]["l1"]), (f"mLSTM {f} + L2", r["fits"]["l2"])]
         if n := r["neuron"]:
-            alone = dict(C=float("nan"), nonzero=1, **{f"{s}_acc": n[f"neuron_{s}_acc"] for s in ("train", "val", "test")})
+            accs = {f"{s}_acc": n[f"neuron_{s}_acc"] for s in ("train", "val", "test")}
+            alone = dict(C=float("nan"), nonzero=1, **accs)
             rows.append((f"neuron {n['neuron']} ({'+' if n['neuron_sign'] > 0 else '-'}) alone", alone))
     if baseline:
         rows.append((f"bag of {bow_vocab} words + {penalty.upper()}", baseline))

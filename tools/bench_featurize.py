@@ -56,8 +56,9 @@ def load_texts(path, n):
 def plain(model, byte_strings, batch):
     """The plain per-step loop (see the docstring): returns nothing, only its time matters."""
     wx, wh, wmx, wmh = model.weights()
-    for s in range(0, len(byte_strings), batch):
-        x, _ = transfer.padded(sorted(byte_strings, key=len, reverse=True)[s : s + batch], model.wh.device)
+    longest_first = sorted(byte_strings, key=len, reverse=True)
+    for s in range(0, len(longest_first), batch):
+        x, _ = transfer.padded(longest_first[s : s + batch], model.wh.device)
         xm, xz = input_products(model.embed(x.t()), wx, model.b, wmx)  # [T, B, H], [T, B, 4H]
         h, c = model.zero_state(len(x))
         for xm_t, xz_t in zip(xm, xz):
@@ -104,8 +105,8 @@ def main(a):
             rows.append(r)
             print(f"hidden {r['hidden']:5d} {dtype:4s} batch {batch:4d} | ours {r['ours'] / 1e3:8.2f} kB/s | "
                   f"ceiling {r['ceiling'] / 1e3:8.2f} kB/s | ours/ceiling {r['share']:.0%} | plain "
-                  f"{r['plain'] / 1e3:8.2f} kB/s | ours/plain {r['over_plain']:.2f}x | peak RSS {r['peak_rss_gb']:.2f} GB",
-                  flush=True)
+                  f"{r['plain'] / 1e3:8.2f} kB/s | ours/plain {r['over_plain']:.2f}x | "
+                  f"peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
         if a.checkpoint:
             break
     if a.json:

@@ -155,7 +155,8 @@ def plan(a):
     rule, lr = a.size_lr
     tables = {"size": [(h, a.size_batch, a.chars, rule, lr, a.train_dtype, a.size_tasks) for h in a.hidden_sizes],
               # rules x batches: lr_grid reads them back in this order
-              "lr": [(a.lr_hidden, b, a.lr_chars, r, l, a.train_dtype, a.lr_tasks) for r, l in a.rules for b in a.batches],
+              "lr": [(a.lr_hidden, b, a.lr_chars, r, l, a.train_dtype, a.lr_tasks)
+                     for r, l in a.rules for b in a.batches],
               "precision": [(a.precision_hidden, a.size_batch, a.chars, rule, lr, d, []) for d in a.dtypes]}
     runs, exps = {}, {}
     for exp in a.only:
@@ -191,7 +192,9 @@ def bpc_cell(rec, key="heldout_bpc"):
 
 def acc_cell(rec, tag):
     t = rec["transfer"].get(tag)
-    return "Div" if rec["status"] == "div" else "–" if not t else f"{pct(t['test_acc'])} / {pct(t['neuron_test_acc'])}"
+    if rec["status"] == "div":
+        return "Div"
+    return "–" if not t else f"{pct(t['test_acc'])} / {pct(t['neuron_test_acc'])}"
 
 
 def tag_title(tag):

@@ -9,11 +9,11 @@ makes the review positive or negative on demand. One sign convention, whatever t
     python tools/generate.py --prime "This movie"          # the released model, models/mlstm1024-imdb.pt (the default)
     python tools/generate.py --checkpoint out/demo/ckpt.pt --prime "This movie" --length 300 --temperature 0.8
     python tools/generate.py --checkpoint CKPT --num-samples 4 --top-k 40 --seed 3
-    python tools/generate.py --checkpoint CKPT --results out/demo/transfer-imdb-ckpt/results.json --value 2    # positive
-    python tools/generate.py --checkpoint CKPT --results out/demo/transfer-imdb-ckpt/results.json --value -2   # negative
+    python tools/generate.py --checkpoint CKPT --results out/demo/transfer-imdb-ckpt/results.json --value 2   # +
+    python tools/generate.py --checkpoint CKPT --results out/demo/transfer-imdb-ckpt/results.json --value -2  # -
     python tools/generate.py --neuron 1016 --sign -1 --value 3 --prime "This movie"   # the released model's best
                                                    # IMDB unit (sign -): held at -3, leaning positive (docs/RESULTS.md)
-    python tools/generate.py --checkpoint CKPT --neuron 2388 --sign 1 --text "Great film, awful ending." --heatmap fire.html
+    python tools/generate.py --checkpoint CKPT --neuron 2388 --sign 1 --text "Great film, awful end." --heatmap h.html
 
 The prime is framed like a corpus document (data.normalize without the closing space, so the model
 continues the review; --raw feeds it as is). Any bytes are a valid prime: the model reads bytes. One

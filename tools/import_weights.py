@@ -21,7 +21,6 @@ by ~1e-3); the output's config records the source, its format and its sha256.
     python transfer.py --checkpoint models/openai-4096.pt --task sst2 --data-dir ../shared/data/sst2
 """
 import argparse
-import hashlib
 import os
 import sys
 
@@ -32,19 +31,10 @@ import torch
 
 from mlstm import MLSTM
 from plumbing import cli
+from plumbing.output_model import sha256
 from plumbing.sources import DataError
 
 OPENAI_FILES = [f"{k}.npy" for k in range(15)]
-
-
-def sha256_of(paths):
-    """The sha256 of the files' bytes, in order: one file's own hash, or a folder's files' together."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def checked(where, array, shape):
@@ -165,7 +155,7 @@ def convert(src):
     if got != want:  # a bug of this importer, not of the file: the checks above name the file's problems
         raise RuntimeError(f"import of {src}: state dict {got} does not fit MLSTM's {want}")
     config = dict(hidden=H, embed=E, no_weight_norm=not wn, dtype="fp32",
-                  imported=dict(format=fmt, source=os.path.abspath(src), sha256=sha256_of(files)))
+                  imported=dict(format=fmt, source=os.path.abspath(src), sha256=sha256(*files)))
     return dict(model=sd, config=config, step=None)
 
 
